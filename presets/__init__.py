@@ -1,0 +1,1 @@
+"""The YAML presets, shipped as package data (`self_healing.presets`)."""

@@ -1,0 +1,427 @@
+"""Trainer plumbing: move each step's numbers from the Trainer to the detectors, and carry the
+healing actions back.
+
+transformers gives callbacks neither the loss nor the grad norm, and no event can skip an
+optimizer step; its `on_pre_optimizer_step` fires after the Trainer already clipped. So besides
+the callback events, `attach()` wraps three methods *on the trainer instance* (never the class):
+
+- `training_step`: keeps the step's loss tensor (summed over micro-batches, on device) and turns a
+  healable exception raised inside forward/backward into a skipped step instead of a dead run;
+- `_get_grad_norm`: keeps the pre-clip norm the Trainer computes anyway (no second pass);
+- with ZClip on, `_clip_grad_norm`: measures without clipping, then applies ZClip's threshold.
+
+The decision for a step is taken in `on_pre_optimizer_step`, after one host sync of (loss, norm),
+before `optimizer.step()`: a skipped step sets every `.grad` to None so the optimizer leaves the
+weights and its state untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .config import HealingConfig
+from .detectors import Detection, StateReport, StepMonitor, StepSignals, compare_state
+from .diagnosis import Action, Diagnosis, FailureKind, diagnose, diagnose_exception, diagnose_state
+from .healing import (HealingPolicy, restore_scheduled_lr, scale_lr, scheduled_lrs, skip_update,
+                      tighten_clipping)
+from .postmortem import PostmortemRecorder
+from .snapshot import SnapshotRing, state_report, unwrap_optimizer
+from .zclip import ZClip, scale_gradients
+
+logger = logging.getLogger("self_healing")
+
+_POLICY_LOSS_TRAINERS = ("GRPOTrainer", "RLOOTrainer")
+_IN_LOOP_FAILURES = {FailureKind.NAN_LOSS}
+
+
+def trainer_kind(trainer: Any) -> str:
+    """The nearest known TRL/transformers trainer class name in the trainer's MRO."""
+    known = ("GRPOTrainer", "RLOOTrainer", "DPOTrainer", "KTOTrainer", "ORPOTrainer", "CPOTrainer", "RewardTrainer",
+             "SFTTrainer", "DistillationTrainer", "Trainer")
+    for cls in type(trainer).__mro__:
+        if cls.__name__ in known:
+            return cls.__name__
+    return type(trainer).__name__
+
+
+class SelfHealingCallback(TrainerCallback):
+    """Per-step detection and in-loop healing. Use through `SelfHealingTrainer`, or alone with
+    `SelfHealingCallback(config).attach(trainer)` (then it writes the postmortem at train end)."""
+
+    def __init__(self, config: HealingConfig | None = None) -> None:
+        self.config = config or HealingConfig()
+        self.recorder = PostmortemRecorder(self.config)
+        self.policy = HealingPolicy(self.config)
+        self.ring = SnapshotRing(self.config.snapshot_keep, self.config.snapshot_verify_steps)
+        self.monitor: StepMonitor | None = None
+        self.trainer: Any = None
+        self.orchestrated = False
+        self.gave_up = False
+        self.give_up_reason: str | None = None
+        self.snapshot_interval: int = self.config.snapshot_every_steps if isinstance(
+            self.config.snapshot_every_steps, int) else 10
+        self._ref_report: StateReport | None = None
+        self._step_loss: torch.Tensor | None = None
+        self._grad_norm: Any = None
+        self._step_exception: BaseException | None = None
+        self._step_flagged = False
+        self._last_step_end: float | None = None
+        self._step_times: deque[float] = deque(maxlen=50)
+        self._orig_base_lrs: list[float] | None = None
+        self._wrapped: dict[str, Any] = {}
+        self.zclip = None
+
+    # ------------------------------------------------------------------------------------------
+    # wiring
+    # ------------------------------------------------------------------------------------------
+    def attach(self, trainer: Any, orchestrated: bool = False) -> "SelfHealingCallback":
+        if self.trainer is not None:
+            raise RuntimeError("this SelfHealingCallback is already attached to a trainer")
+        self.trainer = trainer
+        self.orchestrated = orchestrated
+        kind = trainer_kind(trainer)
+        self.monitor = StepMonitor(self.config, loss_signals=kind not in _POLICY_LOSS_TRAINERS)
+        self._wrap("training_step", self._make_training_step)
+        if hasattr(trainer, "_get_grad_norm"):
+            self._wrap("_get_grad_norm", self._make_get_grad_norm)
+        if self.config.zclip_enabled:
+            self.zclip = ZClip.from_config(self.config)
+            cap = float(getattr(trainer.args, "max_grad_norm", 0) or 0)
+            self.zclip.warmup_max_norm = cap if cap > 0 else None
+            self._wrap("_clip_grad_norm", self._make_clip_grad_norm)
+        trainer.add_callback(self)
+        return self
+
+    def detach(self) -> None:
+        for name, orig in self._wrapped.items():
+            if orig is None:
+                self.trainer.__dict__.pop(name, None)
+            else:
+                setattr(self.trainer, name, orig)
+        self._wrapped.clear()
+        self.trainer.remove_callback(self)
+
+    def _wrap(self, name: str, factory) -> None:
+        t = self.trainer
+        self._wrapped[name] = t.__dict__.get(name)
+        setattr(t, name, factory(getattr(t, name)))
+
+    def _make_training_step(self, orig):
+        def training_step(model, inputs, num_items_in_batch=None, *args, **kwargs):
+            try:
+                loss = orig(model, inputs, num_items_in_batch, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - classified below; anything else propagates
+                if not self._heal_in_loop(exc):
+                    raise
+                self._step_exception = exc
+                return torch.zeros((), device=self.trainer.args.device)
+            if isinstance(loss, torch.Tensor):
+                l = loss.detach()
+                self._step_loss = l if self._step_loss is None else self._step_loss + l
+            return loss
+
+        return training_step
+
+    def _make_get_grad_norm(self, orig):
+        def _get_grad_norm(model, grad_norm=None, *args, **kwargs):
+            out = orig(model, grad_norm, *args, **kwargs)
+            self._grad_norm = out
+            return out
+
+        return _get_grad_norm
+
+    def _make_clip_grad_norm(self, orig):
+        trainer = self.trainer
+
+        def _clip_grad_norm(model, *args, **kwargs):
+            # Measure only, with the Trainer's own pass: a fixed max_grad_norm clipping first would
+            # hide the spike ZClip is there to see. ZClip clips in on_pre_optimizer_step, once the
+            # step's (loss, norm) have reached the host in the step's single sync.
+            return trainer.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+
+        return _clip_grad_norm
+
+    def _heal_in_loop(self, exc: BaseException) -> bool:
+        """Exceptions inside forward/backward that a skipped step heals (non-finite sampling
+        probabilities from NaN weights, ...). Everything else goes to the orchestrator."""
+        return diagnose_exception(exc).failure in _IN_LOOP_FAILURES
+
+    # ------------------------------------------------------------------------------------------
+    # objects the actions work on
+    # ------------------------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.trainer.model
+
+    @property
+    def optimizer(self):
+        return self.trainer.optimizer
+
+    @property
+    def scheduler(self):
+        return self.trainer.lr_scheduler
+
+    # ------------------------------------------------------------------------------------------
+    # events
+    # ------------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.gave_up = False
+        self.give_up_reason = None
+        self._reset_step()
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        self.monitor.amp_scaler = scaler is not None
+        self._apply_persisted_lr_scale()
+        if self.zclip is not None and args.max_grad_norm and args.max_grad_norm > 0:
+            logger.info("self-healing: ZClip is on; the Trainer's fixed max_grad_norm=%s clips only during ZClip's "
+                        "%s warm-up steps, then ZClip's adaptive threshold replaces it",
+                        args.max_grad_norm, self.zclip.warmup_steps)
+        report = state_report(self.model, self.optimizer, state.global_step)
+        if report.weights_finite and report.optimizer_finite:
+            self._ref_report = report
+            if self.ring.latest_verified() is None:
+                snap = self._capture(state.global_step, report)
+                snap.healthy_steps_after = self.ring.verify_steps  # the state training starts from is the baseline
+        else:
+            logger.error("self-healing: the state training starts from is not finite (%s)", report)
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._reset_step()
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        step = state.global_step + 1
+        signals = self._signals(step)
+        self.recorder.observe(step, signals.loss, signals.grad_norm)
+        detections = self.monitor.check(signals)
+        if not detections:
+            trend = self.monitor.accept(signals)
+            if trend is None:
+                if self.zclip is not None and signals.grad_norm is not None:
+                    decision = self.zclip.observe(signals.grad_norm)
+                    scale_gradients(self.model.parameters(), decision.coefficient)
+                return control
+            detections = [trend]
+        self._step_flagged = True
+        self._handle(detections, step, control, before_update=True, exception=signals.exception)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            self._step_times.append(now - self._last_step_end)
+        self._last_step_end = now
+        if self.gave_up:
+            return control
+        step = state.global_step
+        if not self._step_flagged:
+            self.ring.mark_healthy_step()
+            self.policy.healthy_step()
+        check_due = step % self.config.integrity_check_every_steps == 0
+        snap_due = step % self.snapshot_interval == 0
+        if check_due or snap_due:
+            report = state_report(self.model, self.optimizer, step)
+            bad = compare_state(report, self._ref_report, self.config.weight_growth_factor)
+            if bad is not None:
+                self._handle([bad], step, control, before_update=False)
+            else:
+                self._ref_report = report
+                if snap_due and not self._step_flagged:
+                    self._capture(step, report)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            self.recorder.last_metrics.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not self.orchestrated:
+            self.finish("gave_up" if self.gave_up else "completed")
+        return control
+
+    # ------------------------------------------------------------------------------------------
+    # the decision
+    # ------------------------------------------------------------------------------------------
+    def _reset_step(self) -> None:
+        self._step_loss = None
+        self._grad_norm = None
+        self._step_exception = None
+        self._step_flagged = False
+
+    def _signals(self, step: int) -> StepSignals:
+        parts: list[torch.Tensor] = []
+        loss_t, gn = self._step_loss, self._grad_norm
+        if isinstance(loss_t, torch.Tensor):
+            parts.append(loss_t.float().reshape(()))
+        if isinstance(gn, torch.Tensor):
+            parts.append(gn.detach().float().reshape(()).to(parts[0].device if parts else gn.device))
+        values = torch.stack(parts).tolist() if parts else []  # the one host sync of the step
+        loss = values.pop(0) if isinstance(loss_t, torch.Tensor) else float("nan") if self._step_exception is None else 0.0
+        if isinstance(gn, torch.Tensor):
+            grad_norm = values.pop(0)
+        elif isinstance(gn, (int, float)):
+            grad_norm = float(gn)
+        else:
+            grad_norm = None
+        opt = unwrap_optimizer(self.optimizer)
+        return StepSignals(step=step, loss=loss, grad_norm=grad_norm, lrs=[g["lr"] for g in opt.param_groups],
+                           scheduled_lrs=scheduled_lrs(self.optimizer, self.scheduler), exception=self._step_exception)
+
+    def _inspect(self, step: int) -> Detection | None:
+        report = state_report(self.model, self.optimizer, step)
+        return compare_state(report, self._ref_report, self.config.weight_growth_factor)
+
+    def _handle(self, detections: list[Detection], step: int, control, before_update: bool,
+                exception: BaseException | None = None) -> None:
+        det = detections[0]
+        if det.signal in ("weight_corruption", "optimizer_state_corruption"):
+            diag = diagnose_state(det)
+        else:
+            state = self._inspect(step) if det.signal in ("nonfinite_loss", "loss_spike", "exception") else None
+            if det.signal == "exception" and exception is not None:
+                diag = diagnose_exception(exception, step=step, state=state)
+            else:
+                diag = diagnose(det, state)
+        if len(detections) > 1:
+            diag.evidence["also_fired"] = [d.signal for d in detections[1:]]
+        if diag.failure in (FailureKind.NAN_LOSS, FailureKind.NONFINITE_GRADIENT):
+            self.recorder.counters["nan_count"] += 1
+        plan = self.policy.plan(diag, step, can_rollback=self.ring.latest_verified() is not None)
+        details: dict[str, Any] = {}
+        if before_update:
+            skip_update(self.model)  # whatever the plan, this step's gradients are not trusted
+            self._repair_logged_loss()
+        for action in plan.actions:
+            if action == Action.SKIP_STEP:
+                self.recorder.counters["skipped_steps"] += 1
+            elif action == Action.ROLLBACK:
+                details.update(self._rollback(step))
+            elif action == Action.REDUCE_LR:
+                details["lr"] = scale_lr(self.optimizer, self.scheduler, plan.lr_factor or self.config.lr_reduction_factor)
+                self.recorder.counters["lr_reductions"] += 1
+                self.monitor.reset_trend()
+            elif action == Action.RESTORE_LR:
+                details["lr"] = restore_scheduled_lr(self.optimizer, self.scheduler)
+            elif action == Action.TIGHTEN_CLIPPING:
+                details["clipping"] = self._tighten_clipping()
+            elif action == Action.GIVE_UP:
+                details.update(self._give_up(diag, plan.reason, control))
+        if not before_update and Action.SKIP_STEP in plan.actions:
+            details["note"] = "the update had already landed; skipping could not undo it"
+        self.recorder.record(step, diag, [a.value for a in plan.actions], details, plan.reason)
+        level = logging.ERROR if Action.GIVE_UP in plan.actions else logging.WARNING
+        logger.log(level, "self-healing: step %s: %s -> %s%s", step, diag.summary,
+                   ", ".join(a.value for a in plan.actions), f" ({plan.reason})" if plan.reason else "")
+
+    def _rollback(self, step: int) -> dict[str, Any]:
+        snap = self.ring.latest_verified()
+        if snap is None:
+            return {"rollback": "no verified snapshot"}
+        self.ring.discard_after(snap.step)
+        self.ring.restore(snap, self.model, self.optimizer, self.scheduler, restore_scheduler=False)
+        if "monitor" in snap.extra:
+            self.monitor.load_state_dict(snap.extra["monitor"])
+        self.monitor.reset_trend()
+        if self.zclip is not None and "zclip" in snap.extra:
+            self.zclip.load_state_dict(snap.extra["zclip"])
+        self._ref_report = snap.report
+        lost = max(step - 1 - snap.step, 0)
+        self.recorder.counters["rollbacks"] += 1
+        self.recorder.counters["steps_lost"] += lost
+        return {"rolled_back_to_step": snap.step, "steps_lost": lost}
+
+    def _tighten_clipping(self) -> dict[str, Any]:
+        if self.zclip is not None:
+            return self.zclip.tighten(self.config.clip_tighten_factor)
+        hint = self.monitor.grad.window.mean if len(self.monitor.grad.window) else None
+        return tighten_clipping(self.trainer.args, self.config.clip_tighten_factor, hint)
+
+    def _give_up(self, diag: Diagnosis, reason: str, control) -> dict[str, Any]:
+        self.gave_up = True
+        self.give_up_reason = f"{diag.failure.value}: {reason or diag.summary}"
+        control.should_training_stop = True
+        out: dict[str, Any] = {"gave_up": reason or diag.summary}
+        snap = self.ring.latest_verified()
+        if snap is not None:  # leave the last good weights in memory for whatever the user saves next
+            self.ring.restore(snap, self.model, self.optimizer, self.scheduler, restore_scheduler=False)
+            out["restored_step"] = snap.step
+        return out
+
+    def _repair_logged_loss(self) -> None:
+        """With `logging_nan_inf_filter=False` a NaN would stay in the Trainer's running loss sum
+        (NaN - NaN is NaN) and every later log would read NaN."""
+        tr = getattr(self.trainer, "_tr_loss", None)
+        if isinstance(tr, torch.Tensor) and not bool(torch.isfinite(tr).all()):
+            tr.zero_()
+
+    # ------------------------------------------------------------------------------------------
+    # snapshots and LR persistence
+    # ------------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"monitor": self.monitor.state_dict(), "policy": self.policy.state_dict()}
+        if self.zclip is not None:
+            extra["zclip"] = self.zclip.state_dict()
+        return extra
+
+    def _capture(self, step: int, report: StateReport):
+        snap = self.ring.capture(self.model, self.optimizer, self.scheduler, step, self._extra_state(), report)
+        self.recorder.counters["snapshots"] += 1
+        if self.config.snapshot_every_steps == "auto":
+            self._tune_snapshot_interval(snap.copy_seconds)
+        return snap
+
+    def _tune_snapshot_interval(self, copy_seconds: float) -> None:
+        """Pick the interval that keeps snapshot cost under `snapshot_budget` of step time."""
+        if len(self._step_times) < 3:
+            return
+        step_time = statistics.median(self._step_times)
+        if step_time <= 0:
+            return
+        interval = math.ceil(copy_seconds / (self.config.snapshot_budget * step_time))
+        self.snapshot_interval = int(min(max(interval, 5), 1000))
+
+    def _apply_persisted_lr_scale(self) -> None:
+        """After a disk resume the scheduler comes back with the LR of the checkpoint; an LR cut
+        taken since must survive it."""
+        sched = self.scheduler
+        if sched is None or not hasattr(sched, "base_lrs"):
+            return
+        if self._orig_base_lrs is None:
+            self._orig_base_lrs = list(sched.base_lrs)
+            return
+        want = [b * self.policy.lr_scale for b in self._orig_base_lrs]
+        cur = list(sched.base_lrs)
+        if cur and cur[0] > 0 and abs(want[0] / cur[0] - 1) > 1e-6:
+            scale_lr(self.optimizer, sched, want[0] / cur[0])
+
+    # ------------------------------------------------------------------------------------------
+    # end of run
+    # ------------------------------------------------------------------------------------------
+    def finish(self, exit_reason: str, exception: BaseException | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        t = self.trainer
+        state = getattr(t, "state", None)
+        more = {"lr_scale": self.policy.lr_scale, "recovery_attempts": self.policy.total_attempts,
+                "snapshot_interval": self.snapshot_interval}
+        if self.give_up_reason:
+            more["give_up_reason"] = self.give_up_reason
+        if self.zclip is not None:
+            more["zclip"] = self.zclip.summary()
+        if extra:
+            more.update(extra)
+        pm = self.recorder.build(exit_reason, last_step=getattr(state, "global_step", 0),
+                                 max_steps=getattr(state, "max_steps", None), exception=exception,
+                                 trainer_class=type(t).__name__, extra=more)
+        if t.args.should_save or not hasattr(t.args, "should_save"):
+            self.recorder.write(self.config.resolved_postmortem_path(t.args.output_dir), pm)
+        self.postmortem = pm
+        return pm

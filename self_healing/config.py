@@ -1,0 +1,255 @@
+"""`HealingConfig`: every knob of the plugin, validated when it is built.
+
+A bad value fails here, at construction, with the field's name and what is accepted, instead of
+hours later inside a training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+PRESET_NAMES = ("default", "aggressive", "conservative")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class HealingConfig:
+    """What the plugin watches for and how hard it tries to heal.
+
+    Defaults protect a run without changing a healthy one: a clean run with the default preset
+    trains exactly like the bare trainer. Presets: `default()`, `aggressive()`, `conservative()`,
+    or a YAML file through `from_preset()`.
+    """
+
+    # --- how hard to try ---------------------------------------------------------------------
+    max_recovery_attempts: int = 5
+    """Rollbacks/resumes allowed before the run gives up (`exit_reason: "gave_up"`). The count
+    starts again after `recovery_reset_steps` healthy steps, so a week-long run with several
+    unrelated incidents is not stopped by the sum of them."""
+    recovery_reset_steps: int = 200
+    nan_patience: int = 3
+    """Consecutive non-finite steps that are skipped (weights untouched) before a rollback."""
+
+    # --- loss signals --------------------------------------------------------------------------
+    loss_spike_factor: float = 5.0
+    """A step whose loss exceeds this many times the running mean is a spike."""
+    loss_spike_window: int = 50
+    loss_spike_patience: int = 2
+    """Consecutive spikes skipped before the weights themselves are suspected (rollback)."""
+    divergence_patience: int = 20
+    """Steps the smoothed loss must keep rising (and stay `divergence_tolerance` above its best)."""
+    divergence_tolerance: float = 0.25
+
+    # --- gradient / LR / state signals ---------------------------------------------------------
+    grad_norm_threshold: float | None = None
+    """Absolute pre-clip gradient-norm limit; `None` leaves only the adaptive z-score test."""
+    grad_z_threshold: float = 6.0
+    grad_spike_factor: float = 10.0
+    """A z-score outlier counts only if it is also this many times the running mean norm."""
+    lr_spike_factor: float = 10.0
+    """An LR this many times above what the scheduler set is a spike."""
+    weight_growth_factor: float = 10.0
+    """Global weight norm growth, against the last good state, that means corrupted weights."""
+    integrity_check_every_steps: int = 10
+    """How often weights and optimizer state are checked (one fused norm pass)."""
+
+    # --- healing -------------------------------------------------------------------------------
+    lr_reduction_factor: float = 0.5
+    min_lr_scale: float = 1e-3
+    """The LR is never cut below this fraction of the user's; past it the run gives up."""
+    clip_tighten_factor: float = 0.5
+
+    # --- ZClip (adaptive clipping) -------------------------------------------------------------
+    zclip_enabled: bool = False
+    zclip_z_threshold: float = 2.5
+    zclip_alpha: float = 0.97
+    zclip_warmup_steps: int = 25
+    zclip_mode: str = "zscore"
+
+    # --- rollback targets ----------------------------------------------------------------------
+    snapshot_every_steps: int | str = "auto"
+    """Steps between in-memory snapshots; "auto" picks the interval from the measured copy time so
+    snapshots cost under `snapshot_budget` of step time."""
+    snapshot_budget: float = 0.005
+    snapshot_keep: int = 3
+    snapshot_verify_steps: int = 3
+    """Healthy steps after a snapshot before it counts as a verified-good rollback target."""
+
+    # --- crashes (OOM, data, I/O) --------------------------------------------------------------
+    api_backoff_seconds: float = 1.0
+    api_backoff_max_seconds: float = 60.0
+    max_api_retries: int = 5
+    max_skipped_batches: int = 10
+
+    # --- output --------------------------------------------------------------------------------
+    postmortem_path: str | None = None
+    """Defaults to `<output_dir>/postmortem.json`."""
+    history_size: int = 64
+    """Steps of loss/grad-norm history kept around each event in the postmortem."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise `ValueError` naming the first field whose value is not accepted."""
+        def need(cond: bool, name: str, accepted: str) -> None:
+            if not cond:
+                raise ValueError(
+                    f"HealingConfig.{name}={getattr(self, name)!r} is not accepted: expected {accepted}"
+                )
+
+        def int_at_least(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            need(_is_int(v) and v >= lo, name, f"an integer >= {lo}")
+
+        def num_in(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+            v = getattr(self, name)
+            ok = _is_number(v) and math.isfinite(v)
+            if ok:
+                ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+            lb = "(" if lo_open else "["
+            rb = ")" if hi_open else "]"
+            need(ok, name, f"a finite number in {lb}{lo}, {hi}{rb}")
+
+        int_at_least("max_recovery_attempts", 0)
+        int_at_least("recovery_reset_steps", 1)
+        int_at_least("nan_patience", 0)
+        num_in("loss_spike_factor", 1.0, 1e12, lo_open=True)
+        int_at_least("loss_spike_window", 2)
+        int_at_least("loss_spike_patience", 0)
+        int_at_least("divergence_patience", 2)
+        num_in("divergence_tolerance", 0.0, 1e6, lo_open=True)
+        if self.grad_norm_threshold is not None:
+            num_in("grad_norm_threshold", 0.0, math.inf, lo_open=True, hi_open=True)
+        num_in("grad_z_threshold", 0.0, 1e6, lo_open=True)
+        num_in("grad_spike_factor", 1.0, 1e12, lo_open=True)
+        num_in("lr_spike_factor", 1.0, 1e12, lo_open=True)
+        num_in("weight_growth_factor", 1.0, 1e12, lo_open=True)
+        int_at_least("integrity_check_every_steps", 1)
+        num_in("lr_reduction_factor", 0.0, 1.0, lo_open=True, hi_open=True)
+        num_in("min_lr_scale", 0.0, 1.0, lo_open=True)
+        num_in("clip_tighten_factor", 0.0, 1.0, lo_open=True, hi_open=True)
+        need(isinstance(self.zclip_enabled, bool), "zclip_enabled", "true or false")
+        num_in("zclip_z_threshold", 0.0, 1e6, lo_open=True)
+        num_in("zclip_alpha", 0.0, 1.0, lo_open=True, hi_open=True)
+        int_at_least("zclip_warmup_steps", 0)
+        need(self.zclip_mode in ("zscore", "percentile"), "zclip_mode", "'zscore' or 'percentile'")
+        need(
+            self.snapshot_every_steps == "auto" or (_is_int(self.snapshot_every_steps) and self.snapshot_every_steps >= 1),
+            "snapshot_every_steps",
+            "'auto' or an integer >= 1",
+        )
+        num_in("snapshot_budget", 0.0, 1.0, lo_open=True)
+        int_at_least("snapshot_keep", 1)
+        int_at_least("snapshot_verify_steps", 0)
+        num_in("api_backoff_seconds", 0.0, 3600.0)
+        num_in("api_backoff_max_seconds", 0.0, 86400.0)
+        int_at_least("max_api_retries", 0)
+        int_at_least("max_skipped_batches", 0)
+        need(self.postmortem_path is None or isinstance(self.postmortem_path, str), "postmortem_path", "a path string or null")
+        int_at_least("history_size", 1)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "HealingConfig":
+        """Build from a mapping; an unknown key is an error that lists the accepted ones."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a HealingConfig must be a mapping of field: value, got {type(values).__name__}")
+        known = set(cls.field_names())
+        unknown = sorted(str(k) for k in values if k not in known)
+        if unknown:
+            raise ValueError(
+                f"unknown HealingConfig field(s) {', '.join(unknown)}; accepted fields: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "HealingConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    # --- presets --------------------------------------------------------------------------------
+    @classmethod
+    def default(cls) -> "HealingConfig":
+        return cls()
+
+    @classmethod
+    def aggressive(cls) -> "HealingConfig":
+        """Heal at the first sign of trouble; adaptive clipping on."""
+        return cls(nan_patience=1, zclip_enabled=True, zclip_z_threshold=2.0, max_recovery_attempts=10,
+                   loss_spike_patience=1, integrity_check_every_steps=5)
+
+    @classmethod
+    def conservative(cls) -> "HealingConfig":
+        """Intervene only on clear failures; give up early rather than fight the run."""
+        return cls(nan_patience=10, loss_spike_factor=10.0, zclip_z_threshold=4.0, max_recovery_attempts=2)
+
+    @classmethod
+    def from_preset(cls, name_or_path: str | Path) -> "HealingConfig":
+        """A preset by name (`default`, `aggressive`, `conservative`) or a YAML file path."""
+        path = Path(name_or_path)
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            if not path.is_file():
+                raise ValueError(f"preset file {str(path)!r} does not exist")
+            return cls.from_yaml_text(path.read_bytes(), source=str(path))
+        if str(name_or_path) not in PRESET_NAMES:
+            raise ValueError(
+                f"unknown preset {str(name_or_path)!r}; accepted: {', '.join(PRESET_NAMES)} or a path to a .yaml file"
+            )
+        text = resources.files("self_healing.presets").joinpath(f"{name_or_path}.yaml").read_bytes()
+        return cls.from_yaml_text(text, source=f"preset {name_or_path!r}")
+
+    @classmethod
+    def from_yaml_text(cls, text: bytes | str, source: str = "YAML") -> "HealingConfig":
+        import yaml
+
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if data is None:
+            data = {}
+        try:
+            return cls.from_dict(data)
+        except TypeError as e:  # e.g. a non-string key
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML, atomically (a crash leaves the old file or the new one)."""
+        from .io import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
+
+    def resolved_postmortem_path(self, output_dir: str) -> str:
+        return self.postmortem_path or str(Path(output_dir) / "postmortem.json")
+
+
+__all__ = ["HealingConfig", "PRESET_NAMES"]

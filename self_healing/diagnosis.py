@@ -1,0 +1,251 @@
+"""Diagnosis: turn a detector's signal or an exception into what failed, why we think so, and the
+ordered actions that heal it. Pure code: testable without a trainer.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .detectors import Detection
+
+
+class FailureKind(str, Enum):
+    NAN_LOSS = "nan_loss"
+    NONFINITE_GRADIENT = "nonfinite_gradient"
+    LOSS_SPIKE = "loss_spike"
+    DIVERGENCE = "divergence"
+    GRADIENT_EXPLOSION = "gradient_explosion"
+    WEIGHT_CORRUPTION = "weight_corruption"
+    OPTIMIZER_STATE_CORRUPTION = "optimizer_state_corruption"
+    LR_SPIKE = "lr_spike"
+    OOM = "oom"
+    DATA_ERROR = "data_error"
+    API_ERROR = "api_error"
+    DPO_PLATEAU = "dpo_plateau"
+    REWARD_COLLAPSE = "reward_collapse"
+    OVERFITTING = "overfitting"
+    INTERRUPTED = "interrupted"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Action(str, Enum):
+    """Healing actions, in the vocabulary the postmortem uses."""
+
+    SKIP_STEP = "skip_step"
+    """Drop this step's update; the weights never see it."""
+    ROLLBACK = "rollback"
+    """Restore the newest verified-good snapshot in place and continue."""
+    REDUCE_LR = "reduce_lr"
+    RESTORE_LR = "restore_lr"
+    """Put the LR back to what the scheduler set (the spike came from outside the schedule)."""
+    TIGHTEN_CLIPPING = "tighten_clipping"
+    SKIP_BATCH = "skip_batch"
+    REDUCE_BATCH = "reduce_batch"
+    BACKOFF_RETRY = "backoff_retry"
+    ALERT = "alert"
+    GIVE_UP = "give_up"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+REFERENCES: dict[FailureKind, list[str]] = {
+    FailureKind.NAN_LOSS: [
+        "Megatron-LM: NaN/Inf check of loss and gradients before the update",
+        "PaLM (arXiv:2204.02311) §5.1: skip the bad batches, restart from an earlier checkpoint",
+    ],
+    FailureKind.NONFINITE_GRADIENT: ["Megatron-LM: NaN/Inf check of loss and gradients before the update"],
+    FailureKind.LOSS_SPIKE: [
+        "PaLM (arXiv:2204.02311) §5.1: loss spikes healed by restart + data skip",
+        "OLMo-core SkipStepOptimizer: skip updates whose loss is a z-score outlier",
+    ],
+    FailureKind.GRADIENT_EXPLOSION: [
+        "ZClip (arXiv:2504.02507): z-score gradient-norm outliers",
+        "Pascanu et al. (arXiv:1211.5063): exploding gradients",
+    ],
+    FailureKind.DIVERGENCE: ["OPT-175B logbook (arXiv:2205.01068): restart from a checkpoint with a lower LR"],
+    FailureKind.WEIGHT_CORRUPTION: ["ARC (arc-training): restore a verified host-memory snapshot"],
+    FailureKind.OPTIMIZER_STATE_CORRUPTION: [
+        "Adam (arXiv:1412.6980): the second moment is an EMA, so it cannot fall faster than beta2 per step"
+    ],
+    FailureKind.LR_SPIKE: ["LR outside the schedule: restore the scheduled value before the update lands"],
+    FailureKind.OOM: ["Composer auto-microbatching: halve the microbatch, keep the global batch"],
+    FailureKind.DATA_ERROR: ["PaLM (arXiv:2204.02311): skip the offending batches"],
+}
+
+
+@dataclass
+class Diagnosis:
+    failure: FailureKind
+    summary: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    actions: list[Action] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    step: int | None = None
+    healable: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"failure": self.failure.value, "summary": self.summary, "evidence": self.evidence,
+                "actions": [a.value for a in self.actions], "references": self.references, "step": self.step,
+                "healable": self.healable}
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return f"{x:.4g}"
+    return str(x)
+
+
+def _make(kind: FailureKind, summary: str, evidence: dict, actions: list[Action], step: int | None,
+          healable: bool = True) -> Diagnosis:
+    return Diagnosis(kind, summary, dict(evidence), list(actions), list(REFERENCES.get(kind, [])), step, healable)
+
+
+def diagnose(detection: Detection, state: Detection | None = None) -> Diagnosis:
+    """Explain one step's detection. `state` is the integrity verdict on weights/optimizer state,
+    taken only when something fired, so a NaN loss from NaN weights is told apart from a bad batch."""
+    e, step = detection.evidence, detection.step
+    if state is not None and state.signal in ("weight_corruption", "optimizer_state_corruption"):
+        return diagnose_state(state, trigger=detection)
+    sig = detection.signal
+    if sig == "nonfinite_loss":
+        return _make(FailureKind.NAN_LOSS,
+                     f"loss is {_fmt(e.get('loss'))} at step {step} while weights and optimizer state are finite: "
+                     "the update was skipped before it reached the weights", e, [Action.SKIP_STEP], step)
+    if sig == "nonfinite_gradient":
+        return _make(FailureKind.NONFINITE_GRADIENT,
+                     f"gradient norm is {_fmt(e.get('grad_norm'))} at step {step} (loss {_fmt(e.get('loss'))} is finite): "
+                     "the update was skipped before it reached the weights", e, [Action.SKIP_STEP], step)
+    if sig == "gradient_explosion":
+        how = (f"above the limit {_fmt(e['threshold'])}" if "threshold" in e
+               else f"{_fmt(e.get('ratio'))}x the running mean {_fmt(e.get('running_mean'))}, z-score {_fmt(e.get('z_score'))}")
+        return _make(FailureKind.GRADIENT_EXPLOSION,
+                     f"pre-clip gradient norm {_fmt(e.get('grad_norm'))} at step {step} is {how}: update skipped",
+                     e, [Action.SKIP_STEP], step)
+    if sig == "lr_spike":
+        return _make(FailureKind.LR_SPIKE,
+                     f"learning rate {_fmt(e.get('lr'))} at step {step} is far above the scheduled "
+                     f"{_fmt(e.get('scheduled_lr'))}: update skipped, scheduled LR restored", e,
+                     [Action.SKIP_STEP, Action.RESTORE_LR], step)
+    if sig == "loss_spike":
+        return _make(FailureKind.LOSS_SPIKE,
+                     f"loss {_fmt(e.get('loss'))} at step {step} is {_fmt(e.get('ratio'))}x the running mean "
+                     f"{_fmt(e.get('running_mean'))}; weights look sound, so the batch's update was skipped", e,
+                     [Action.SKIP_STEP], step)
+    if sig == "divergence":
+        return _make(FailureKind.DIVERGENCE,
+                     f"smoothed loss rose for {e.get('rising_steps')} steps to {_fmt(e.get('smoothed_loss'))} "
+                     f"(best {_fmt(e.get('best_smoothed_loss'))}): the LR is too high for this phase; rolled back "
+                     "and the LR reduced", e, [Action.ROLLBACK, Action.REDUCE_LR], step)
+    if sig in ("weight_corruption", "optimizer_state_corruption"):
+        return diagnose_state(detection)
+    if sig == "exception":
+        exc = e.get("exception")
+        if isinstance(exc, BaseException):
+            return diagnose_exception(exc, step=step, state=state)
+        return _make(FailureKind.UNKNOWN, f"exception at step {step}: {e.get('message')}", e, [], step, healable=False)
+    return _make(FailureKind.UNKNOWN, f"unrecognised signal {sig!r} at step {step}", e, [], step, healable=False)
+
+
+def diagnose_state(state: Detection, trigger: Detection | None = None) -> Diagnosis:
+    e = dict(state.evidence)
+    step = trigger.step if trigger is not None else state.step
+    if trigger is not None:
+        e["triggered_by"] = trigger.signal
+        e.update({f"trigger_{k}": v for k, v in trigger.evidence.items() if isinstance(v, (int, float, str))})
+    if state.signal == "weight_corruption":
+        if e.get("finite") is False:
+            why = f"weights contain NaN/Inf (global norm {_fmt(e.get('weight_norm'))})"
+        else:
+            why = (f"global weight norm {_fmt(e.get('weight_norm'))} is {_fmt(e.get('ratio'))}x the last good state's "
+                   f"{_fmt(e.get('reference_weight_norm'))}")
+        return _make(FailureKind.WEIGHT_CORRUPTION, f"{why} at step {step}: rolled back to the last verified snapshot",
+                     e, [Action.ROLLBACK], step)
+    if "nonfinite_state" in e:
+        why = f"optimizer state {', '.join(e['nonfinite_state'])} contains NaN/Inf"
+    else:
+        why = (f"Adam's exp_avg_sq norm fell to {_fmt(e.get('exp_avg_sq_norm'))} from {_fmt(e.get('reference_exp_avg_sq_norm'))} "
+               f"in {e.get('steps_apart')} steps; decay alone allows no lower than {_fmt(e.get('lowest_possible'))}")
+    return _make(FailureKind.OPTIMIZER_STATE_CORRUPTION,
+                 f"{why} at step {step}: rolled back to the last verified snapshot", e, [Action.ROLLBACK], step)
+
+
+_OOM_MARKERS = ("out of memory", "cuda error: out of memory", "cudnn_status_alloc_failed", "cublas_status_alloc_failed",
+                "hip out of memory", "mps backend out of memory", "failed to allocate memory")
+_DATA_EXC = (IndexError, KeyError, TypeError, ValueError)
+_DATA_MARKERS = ("shape", "size mismatch", "dimension", "index", "dtype", "expected scalar type", "collat",
+                 "tokeniz", "must match the size", "sizes of tensors", "out of bounds", "out of range")
+_API_EXC_NAMES = ("ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "HTTPError", "HfHubHTTPError",
+                  "RemoteDisconnected", "ProtocolError", "ChunkedEncodingError", "IncompleteRead")
+_TRANSIENT_ERRNO = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ESTALE,
+                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBUSY}
+
+
+def _http_status(exc: BaseException) -> int | None:
+    resp = getattr(exc, "response", None)
+    code = getattr(resp, "status_code", None) or getattr(exc, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in msg for m in _OOM_MARKERS)
+
+
+def diagnose_exception(exc: BaseException, step: int | None = None, state: Detection | None = None,
+                       phase: str = "train") -> Diagnosis:
+    """Classify an exception: OOM, data, network/filesystem, numerical, interrupt, or a bug.
+
+    Only the first four are healable; a bug in user code (ZeroDivisionError, AssertionError, an
+    illegal memory access) is never retried: retrying it would only burn GPU hours.
+    """
+    name = type(exc).__name__
+    msg = str(exc)
+    low = msg.lower()
+    ev: dict[str, Any] = {"exception_type": name, "message": msg[:500], "phase": phase}
+    if isinstance(exc, KeyboardInterrupt):
+        return _make(FailureKind.INTERRUPTED, "interrupted by the user (KeyboardInterrupt): not healed", ev, [],
+                     step, healable=False)
+    if "illegal memory access" in low or "device-side assert" in low or isinstance(exc, AssertionError):
+        return _make(FailureKind.UNKNOWN, f"{name}: {msg[:200]} — a program error, not retried", ev, [], step,
+                     healable=False)
+    if is_oom(exc):
+        actions = [Action.REDUCE_BATCH] if phase == "train" else [Action.ALERT]
+        return _make(FailureKind.OOM, f"out of memory during {phase} at step {step}: {msg[:160]}", ev, actions, step)
+    if isinstance(exc, OSError) and getattr(exc, "errno", None) == errno.ENOSPC:
+        return _make(FailureKind.API_ERROR, f"disk full while writing at step {step}: {msg[:160]}",
+                     {**ev, "enospc": True}, [Action.BACKOFF_RETRY], step)
+    code = _http_status(exc)
+    if (isinstance(exc, (ConnectionError, TimeoutError)) or any(n in name for n in _API_EXC_NAMES)
+            or (code is not None and (code >= 500 or code == 429))
+            or (isinstance(exc, OSError) and getattr(exc, "errno", None) in _TRANSIENT_ERRNO)):
+        if code is not None:
+            ev["http_status"] = code
+        return _make(FailureKind.API_ERROR, f"{name} at step {step} (network/storage, transient): {msg[:160]}", ev,
+                     [Action.BACKOFF_RETRY], step)
+    if state is not None and state.signal in ("weight_corruption", "optimizer_state_corruption"):
+        d = diagnose_state(state)
+        d.evidence.update(ev)
+        return d
+    if isinstance(exc, RuntimeError) and ("probability tensor contains" in low or re.search(r"\b(nan|inf)\b", low)):
+        return _make(FailureKind.NAN_LOSS, f"non-finite values raised {name} at step {step}: {msg[:160]}", ev,
+                     [Action.SKIP_STEP], step)
+    if isinstance(exc, _DATA_EXC) or (isinstance(exc, RuntimeError) and any(m in low for m in _DATA_MARKERS)):
+        return _make(FailureKind.DATA_ERROR, f"{name} from a batch at step {step}: {msg[:160]}", ev,
+                     [Action.SKIP_BATCH], step)
+    return _make(FailureKind.UNKNOWN, f"{name}: {msg[:200]} — not a failure this plugin heals, so it was not retried",
+                 ev, [], step, healable=False)
