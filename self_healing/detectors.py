@@ -121,7 +121,8 @@ class LossSpikeDetector:
 
 class DivergenceDetector:
     """Smoothed loss rising for `patience` steps and `tolerance` above its best: slow divergence
-    that no single step's spike test sees."""
+    that no single step's spike test sees. The rise must also clear 3x the loss's own noise (an
+    EMA of absolute deviations), or a loss near zero would "diverge" on every wiggle."""
 
     def __init__(self, patience: int, tolerance: float, alpha: float = 0.9, warmup: int = 10) -> None:
         self.patience = patience
@@ -135,10 +136,13 @@ class DivergenceDetector:
         self.best = math.inf
         self.rising = 0
         self.seen = 0
+        self.noise = 0.0
 
     def update(self, loss: float) -> Detection | None:
         prev = self.ema
         self.ema = loss if prev is None else self.alpha * prev + (1 - self.alpha) * loss
+        if prev is not None and self.rising == 0:  # a trend in progress must not pass for noise
+            self.noise = self.alpha * self.noise + (1 - self.alpha) * abs(loss - prev)
         self.seen += 1
         if self.seen <= self.warmup:
             self.best = min(self.best, self.ema)
@@ -149,16 +153,17 @@ class DivergenceDetector:
             self.rising = 0
         self.best = min(self.best, self.ema)
         above = self.ema - self.best
-        if self.rising >= self.patience and self.best > 0 and above > self.tolerance * self.best:
+        if self.rising >= self.patience and self.best > 0 and above > max(self.tolerance * self.best, 3 * self.noise):
             return Detection("divergence", -1, {"smoothed_loss": self.ema, "best_smoothed_loss": self.best,
                                                 "rising_steps": self.rising, "patience": self.patience})
         return None
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema, "best": self.best, "rising": self.rising, "seen": self.seen}
+        return {"ema": self.ema, "best": self.best, "rising": self.rising, "seen": self.seen, "noise": self.noise}
 
     def load_state_dict(self, s: dict) -> None:
         self.ema, self.best, self.rising, self.seen = s["ema"], s["best"], s["rising"], s["seen"]
+        self.noise = s.get("noise", 0.0)
 
 
 class GradNormDetector:

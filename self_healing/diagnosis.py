@@ -145,7 +145,7 @@ def diagnose(detection: Detection, state: Detection | None = None) -> Diagnosis:
     if sig == "divergence":
         return _make(FailureKind.DIVERGENCE,
                      f"smoothed loss rose for {e.get('rising_steps')} steps to {_fmt(e.get('smoothed_loss'))} "
-                     f"(best {_fmt(e.get('best_smoothed_loss'))}): the LR is too high for this phase; rolled back "
+                     f"(best {_fmt(e.get('best_smoothed_loss'))}) by step {step}: the LR is too high for this phase; rolled back "
                      "and the LR reduced", e, [Action.ROLLBACK, Action.REDUCE_LR], step)
     if sig in ("weight_corruption", "optimizer_state_corruption"):
         return diagnose_state(detection)

@@ -84,8 +84,9 @@ class HealingPolicy:
             self.attempts += 1
             self.total_attempts += 1
             self.skip_streak = 0
-            if recurring and Action.REDUCE_LR not in actions and d.failure not in (
-                    FailureKind.WEIGHT_CORRUPTION, FailureKind.OPTIMIZER_STATE_CORRUPTION):
+            # A one-off fault (a flipped tensor, a zeroed moment) has nothing to do with the LR and
+            # keeps it; the same trouble right after a rollback means the dynamics cause it.
+            if recurring and Action.REDUCE_LR not in actions:
                 actions.append(Action.REDUCE_LR)
                 reason = (reason + "; " if reason else "") + (
                     f"failure came back {step - self.last_rollback_step} steps after the last rollback: LR cut")

@@ -139,5 +139,6 @@ def format_postmortem(pm: dict[str, Any]) -> str:
     fm = pm.get("final_metrics") or {}
     if fm:
         keys = [k for k in ("loss", "train_loss", "grad_norm", "learning_rate", "eval_loss") if k in fm]
-        lines.append("  final metrics: " + ", ".join(f"{k}={fm[k]}" for k in keys))
+        lines.append("  final metrics: " + ", ".join(
+            f"{k}={fm[k]:.4g}" if isinstance(fm[k], float) else f"{k}={fm[k]}" for k in keys))
     return "\n".join(lines)

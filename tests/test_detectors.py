@@ -1,0 +1,106 @@
+"""Detectors on plain numbers: no trainer."""
+import math
+
+from self_healing import HealingConfig
+from self_healing.detectors import (DivergenceDetector, GradNormDetector, LossSpikeDetector, RunningWindow,
+                                    StateReport, StepMonitor, StepSignals, check_lr, compare_state)
+
+
+def test_running_window_mean_std_and_bound():
+    w = RunningWindow(3)
+    for x in [1.0, 2.0, 3.0, 4.0]:
+        w.push(x)
+    assert list(w.values) == [2.0, 3.0, 4.0]
+    assert w.mean == 3.0 and abs(w.std - 1.0) < 1e-12
+
+
+def test_loss_spike_needs_ratio_and_z():
+    d = LossSpikeDetector(factor=3.0, window=20, min_history=5)
+    for x in [2.0, 2.1, 1.9, 2.0, 2.05, 1.95]:
+        assert d.check(x) is None
+        d.accept(x)
+    assert d.check(5.0) is None            # 2.5x: below the factor
+    hit = d.check(9.0)
+    assert hit and hit.signal == "loss_spike" and abs(hit.evidence["ratio"] - 4.5) < 0.01
+
+
+def test_loss_spike_ignores_noise_around_zero():
+    d = LossSpikeDetector(factor=5.0, window=50, min_history=5)
+    for x in [0.01, -0.02, 0.03, 0.0, -0.01, 0.02, 0.01]:
+        d.accept(x)
+    assert d.check(0.05) is None  # ratio is large, but it is well within the noise
+
+
+def test_divergence_fires_after_patience_rising_steps():
+    d = DivergenceDetector(patience=5, tolerance=0.2, alpha=0.5, warmup=3)
+    fired = [d.update(x) for x in [3.0, 2.5, 2.0, 2.0, 2.2, 2.5, 2.9, 3.4, 4.0, 4.8]]
+    first = next(i for i, f in enumerate(fired) if f)
+    assert first >= 8 and fired[first].evidence["rising_steps"] >= 5
+
+
+def test_divergence_quiet_on_a_decreasing_noisy_loss():
+    d = DivergenceDetector(patience=5, tolerance=0.2)
+    xs = [3.0 * math.exp(-i / 30) + 0.05 * ((i * 7919) % 11 - 5) / 5 for i in range(300)]
+    assert not any(d.update(x) for x in xs)
+
+
+def test_grad_norm_threshold_and_zscore():
+    g = GradNormDetector(threshold=100.0, z_threshold=6.0, factor=10.0, min_history=5)
+    assert g.check(150.0).evidence["threshold"] == 100.0
+    for x in [1.0, 1.2, 0.9, 1.1, 1.0, 1.05]:
+        g.accept(x)
+    assert g.check(3.0) is None              # z large, but only 3x the mean
+    hit = g.check(50.0)
+    assert hit and hit.evidence["ratio"] > 10
+
+
+def test_lr_spike_against_scheduled():
+    assert check_lr([1e-3], [1e-3], 10.0) is None
+    hit = check_lr([3.0], [1e-3], 10.0)
+    assert hit and hit.evidence["scheduled_lr"] == 1e-3
+    assert check_lr([float("nan")], [1e-3], 10.0) is not None
+    assert check_lr([1.0], None, 10.0) is None
+
+
+def test_state_nonfinite_and_growth():
+    ref = StateReport(weight_norm=10.0, optimizer_norms={"exp_avg_sq": 1.0}, beta2=0.999, step=10)
+    assert compare_state(StateReport(float("nan")), ref, 10).signal == "weight_corruption"
+    assert compare_state(StateReport(10.0, {"exp_avg": float("inf")}), ref, 10).signal == "optimizer_state_corruption"
+    grown = compare_state(StateReport(3000.0, {"exp_avg_sq": 1.0}, 0.999, 20), ref, 10)
+    assert grown.signal == "weight_corruption" and grown.evidence["ratio"] == 300
+    assert compare_state(StateReport(11.0, {"exp_avg_sq": 0.98}, 0.999, 20), ref, 10) is None
+
+
+def test_exp_avg_sq_cannot_fall_faster_than_beta2():
+    ref = StateReport(10.0, {"exp_avg_sq": 1.0}, beta2=0.999, step=0)
+    # 10 steps of pure decay: 0.999**10 = 0.990 -> healthy
+    assert compare_state(StateReport(10.0, {"exp_avg_sq": 0.99}, 0.999, 10), ref, 10) is None
+    hit = compare_state(StateReport(10.0, {"exp_avg_sq": 0.01}, 0.999, 10), ref, 10)
+    assert hit.signal == "optimizer_state_corruption"
+    assert abs(hit.evidence["lowest_possible"] - 0.999 ** 10) < 1e-12
+
+
+def test_monitor_reports_nonfinite_before_statistics_and_never_learns_from_bad_steps():
+    m = StepMonitor(HealingConfig())
+    for i in range(20):
+        s = StepSignals(step=i, loss=2.0, grad_norm=1.0, lrs=[1e-3], scheduled_lrs=[1e-3])
+        assert m.check(s) == []
+        m.accept(s)
+    bad = StepSignals(step=21, loss=float("nan"), grad_norm=float("nan"), lrs=[1e-3], scheduled_lrs=[1e-3])
+    assert [d.signal for d in m.check(bad)] == ["nonfinite_loss"]
+    assert m.spike.window.mean == 2.0
+    gbad = StepSignals(step=22, loss=2.0, grad_norm=float("inf"), lrs=[1e-3], scheduled_lrs=[1e-3])
+    assert [d.signal for d in m.check(gbad)] == ["nonfinite_gradient"]
+
+
+def test_monitor_under_amp_scaler_leaves_overflow_to_the_scaler():
+    m = StepMonitor(HealingConfig(), amp_scaler=True)
+    s = StepSignals(step=1, loss=2.0, grad_norm=float("inf"), lrs=[1e-3], scheduled_lrs=[1e-3])
+    assert m.check(s) == []
+
+
+def test_policy_losses_turn_off_loss_signals():
+    m = StepMonitor(HealingConfig(), loss_signals=False)
+    for i in range(30):
+        m.accept(StepSignals(step=i, loss=0.01, grad_norm=1.0))
+    assert m.check(StepSignals(step=31, loss=5.0, grad_norm=1.0)) == []
