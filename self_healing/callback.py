@@ -78,6 +78,12 @@ class SelfHealingCallback(TrainerCallback):
         self._orig_base_lrs: list[float] | None = None
         self._wrapped: dict[str, Any] = {}
         self.zclip = None
+        self.observers: list[Any] = []
+        """Objects told about every step and decision (trackio, the crash journal...): optional
+        methods `on_step(step, signals, info)`, `on_event(event)`, `on_finish(postmortem)`."""
+        self.monitors: list[Any] = []
+        """Trainer-aware monitors: optional methods `on_log(step, logs)` and
+        `on_evaluate(step, metrics)` returning a list of `Diagnosis` to act on."""
 
     # ------------------------------------------------------------------------------------------
     # wiring
@@ -200,7 +206,8 @@ class SelfHealingCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         step = state.global_step + 1
         signals = self._signals(step)
-        self.recorder.observe(step, signals.loss, signals.grad_norm)
+        self.recorder.observe(step, signals.loss, signals.grad_norm, signals.lrs[0] if signals.lrs else None)
+        info: dict[str, Any] = {"skipped": False}
         detections = self.monitor.check(signals)
         if not detections:
             trend = self.monitor.accept(signals)
@@ -208,10 +215,14 @@ class SelfHealingCallback(TrainerCallback):
                 if self.zclip is not None and signals.grad_norm is not None:
                     decision = self.zclip.observe(signals.grad_norm)
                     scale_gradients(self.model.parameters(), decision.coefficient)
+                    info["zclip"] = decision
+                self._notify("on_step", step, signals, info)
                 return control
             detections = [trend]
         self._step_flagged = True
         self._handle(detections, step, control, before_update=True, exception=signals.exception)
+        info["skipped"] = True
+        self._notify("on_step", step, signals, info)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -241,6 +252,17 @@ class SelfHealingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
             self.recorder.last_metrics.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
+            for m in self.monitors:
+                if hasattr(m, "on_log"):
+                    for diag in m.on_log(state.global_step, logs) or []:
+                        self._apply_advisory(diag, state.global_step, control)
+        return control
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        for m in self.monitors:
+            if metrics and hasattr(m, "on_evaluate"):
+                for diag in m.on_evaluate(state.global_step, metrics) or []:
+                    self._apply_advisory(diag, state.global_step, control)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -317,10 +339,35 @@ class SelfHealingCallback(TrainerCallback):
                 details.update(self._give_up(diag, plan.reason, control))
         if not before_update and Action.SKIP_STEP in plan.actions:
             details["note"] = "the update had already landed; skipping could not undo it"
-        self.recorder.record(step, diag, [a.value for a in plan.actions], details, plan.reason)
+        event = self.recorder.record(step, diag, [a.value for a in plan.actions], details, plan.reason)
+        self._notify("on_event", event)
         level = logging.ERROR if Action.GIVE_UP in plan.actions else logging.WARNING
         logger.log(level, "self-healing: step %s: %s -> %s%s", step, diag.summary,
                    ", ".join(a.value for a in plan.actions), f" ({plan.reason})" if plan.reason else "")
+
+    def _apply_advisory(self, diag: Diagnosis, step: int, control) -> None:
+        """A monitor's finding (DPO plateau, reward collapse, overfitting): recorded and alerted;
+        the only state it may change is a bounded LR raise or cut it asks for."""
+        details: dict[str, Any] = {}
+        if Action.RAISE_LR in diag.actions:
+            factor = float(diag.evidence.get("lr_factor", 2.0))
+            details["lr"] = scale_lr(self.optimizer, self.scheduler, factor)
+            self.policy.lr_scale *= factor
+        if Action.REDUCE_LR in diag.actions:
+            details["lr"] = scale_lr(self.optimizer, self.scheduler, self.config.lr_reduction_factor)
+            self.policy.lr_scale *= self.config.lr_reduction_factor
+        event = self.recorder.record(step, diag, [a.value for a in diag.actions], details)
+        self._notify("on_event", event)
+        logger.warning("self-healing: step %s: %s -> %s", step, diag.summary, ", ".join(a.value for a in diag.actions))
+
+    def _notify(self, method: str, *args: Any) -> None:
+        for o in self.observers:
+            fn = getattr(o, method, None)
+            if fn is not None:
+                try:
+                    fn(*args)
+                except Exception as exc:  # noqa: BLE001 - an observer must never kill the run
+                    logger.warning("self-healing: observer %s.%s failed: %s", type(o).__name__, method, exc)
 
     def _rollback(self, step: int) -> dict[str, Any]:
         snap = self.ring.latest_verified()
@@ -424,4 +471,5 @@ class SelfHealingCallback(TrainerCallback):
         if t.args.should_save or not hasattr(t.args, "should_save"):
             self.recorder.write(self.config.resolved_postmortem_path(t.args.output_dir), pm)
         self.postmortem = pm
+        self._notify("on_finish", pm)
         return pm

@@ -46,6 +46,8 @@ class Action(str, Enum):
     REDUCE_LR = "reduce_lr"
     RESTORE_LR = "restore_lr"
     """Put the LR back to what the scheduler set (the spike came from outside the schedule)."""
+    RAISE_LR = "raise_lr"
+    """Only for a stalled preference run (DPO plateau), within a cap."""
     TIGHTEN_CLIPPING = "tighten_clipping"
     SKIP_BATCH = "skip_batch"
     REDUCE_BATCH = "reduce_batch"

@@ -20,6 +20,7 @@ from .diagnosis import Diagnosis
 from .io import atomic_write_json, json_safe
 
 MAX_EVENTS = 500
+MAX_CURVE_POINTS = 2000
 SCHEMA_VERSION = 1
 
 
@@ -41,9 +42,17 @@ class PostmortemRecorder:
                                            "steps_lost": 0, "snapshots": 0, "exceptions_healed": 0}
         self.skipped_batches: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
+        self.curve: list[list[Any]] = []
+        """[step, loss, grad_norm, lr] over the whole run, decimated to at most MAX_CURVE_POINTS."""
+        self._curve_stride = 1
 
-    def observe(self, step: int, loss: float | None, grad_norm: float | None) -> None:
+    def observe(self, step: int, loss: float | None, grad_norm: float | None, lr: float | None = None) -> None:
         self.history.append((step, loss, grad_norm))
+        if step % self._curve_stride == 0:
+            self.curve.append([step, loss, grad_norm, lr])
+            if len(self.curve) >= MAX_CURVE_POINTS:  # keep the size bounded for a run of any length
+                self._curve_stride *= 2
+                self.curve = [pt for pt in self.curve if pt[0] % self._curve_stride == 0]
 
     def record(self, step: int, diagnosis: Diagnosis, actions: list[str], details: dict[str, Any] | None = None,
                reason: str = "") -> dict[str, Any]:
@@ -86,6 +95,8 @@ class PostmortemRecorder:
             "recovery_actions_dropped": self.events_dropped,
             "counters": dict(self.counters),
             "skipped_batches": list(self.skipped_batches),
+            "curve": {"columns": ["step", "loss", "grad_norm", "lr"], "stride": self._curve_stride,
+                      "points": list(self.curve)},
             "config": self.config.to_dict(),
         }
         pm.update(self.extra)
