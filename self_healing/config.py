@@ -7,6 +7,7 @@ hours later inside a training run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -105,9 +106,17 @@ class HealingConfig:
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise `ValueError` naming the first field whose value is not accepted."""
+        problems = self._value_problems()
+        if problems:
+            raise ValueError(problems[0])
+
+    def _value_problems(self) -> list[str]:
+        """Every field whose value is not accepted, one message each, in field order."""
+        problems: list[str] = []
+
         def need(cond: bool, name: str, accepted: str) -> None:
             if not cond:
-                raise ValueError(
+                problems.append(
                     f"HealingConfig.{name}={getattr(self, name)!r} is not accepted: expected {accepted}"
                 )
 
@@ -161,11 +170,33 @@ class HealingConfig:
         int_at_least("max_skipped_batches", 0)
         need(self.postmortem_path is None or isinstance(self.postmortem_path, str), "postmortem_path", "a path string or null")
         int_at_least("history_size", 1)
+        return problems
 
     # ------------------------------------------------------------------------------------------
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def problems(cls, values: Any) -> list[str]:
+        """Everything wrong with a would-be config mapping: each unknown key and each field whose
+        value is not accepted, one message per field (empty when `from_dict(values)` would succeed)."""
+        if not isinstance(values, Mapping):
+            return [f"a HealingConfig must be a mapping of field: value, got {type(values).__name__}"]
+        known = cls.field_names()
+        out = []
+        for k in values:
+            if k not in known:
+                close = difflib.get_close_matches(str(k), known, n=1)
+                out.append(f"unknown HealingConfig field {k!r}: " + (f"did you mean {close[0]!r}?" if close else
+                                                                      f"accepted fields: {', '.join(sorted(known))}"))
+        obj = cls.__new__(cls)  # the defaults, then the given values, without __post_init__'s raise
+        for f in fields(cls):
+            setattr(obj, f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        for k, v in values.items():
+            if k in known:
+                setattr(obj, k, v)
+        return out + obj._value_problems()
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "HealingConfig":
@@ -219,6 +250,15 @@ class HealingConfig:
 
     @classmethod
     def from_yaml_text(cls, text: bytes | str, source: str = "YAML") -> "HealingConfig":
+        data = cls.parse_yaml(text, source)
+        try:
+            return cls.from_dict(data)
+        except TypeError as e:  # e.g. a non-string key
+            raise ValueError(f"{source}: {e}") from None
+
+    @staticmethod
+    def parse_yaml(text: bytes | str, source: str = "YAML") -> Any:
+        """The YAML document in `text` (`{}` when empty); undecodable or malformed text is a `ValueError`."""
         import yaml
 
         if isinstance(text, bytes):
@@ -230,12 +270,7 @@ class HealingConfig:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ValueError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if data is None:
-            data = {}
-        try:
-            return cls.from_dict(data)
-        except TypeError as e:  # e.g. a non-string key
-            raise ValueError(f"{source}: {e}") from None
+        return {} if data is None else data
 
     def to_yaml(self) -> str:
         import yaml

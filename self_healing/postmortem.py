@@ -1,14 +1,24 @@
 """`postmortem.json`: what happened in a run and what was done about it.
 
 Written atomically on every exit (completed, gave_up, exception, interrupted). Its size is bounded
-whatever the run's length: events beyond `MAX_EVENTS` are counted, not stored, and each keeps only
-a short window of loss/grad-norm history around it.
+whatever the run's length (about 0.65 MB for a million-step run with thousands of events, tested
+under 1 MB with the default `history_size`):
+
+- the whole-run curve `[step, loss, grad_norm, lr]` is decimated to `MAX_CURVE_POINTS`;
+- of the events, the first and the most recent `MAX_EVENTS // 2` are stored (so the one that
+  ended a run is always there); the ones between are counted, per failure kind in `event_counts`;
+- each stored event carries the per-step `[step, loss, grad_norm]` history around it
+  (`history_size` steps before, `HISTORY_AFTER` after): whole for the `DETAILED_EVENTS` at each
+  end, `SHORT_BEFORE`/`SHORT_AFTER` steps (and no `references`) for the ones between;
+- floats in the curve and the histories keep 6 significant digits; arrays of numbers are written
+  compactly (see `dumps_postmortem`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import time
 import traceback
 from collections import deque
@@ -17,11 +27,23 @@ from typing import Any
 
 from .config import HealingConfig
 from .diagnosis import Diagnosis
-from .io import atomic_write_json, json_safe
+from .io import atomic_write_text, json_safe
 
 MAX_EVENTS = 500
 MAX_CURVE_POINTS = 2000
+HISTORY_AFTER = 16
+DETAILED_EVENTS = 50
+SHORT_BEFORE, SHORT_AFTER = 8, 4
 SCHEMA_VERSION = 1
+_ONE_PER_LINE = {"points", "traceback"}
+"""Keys whose list items are written one per line in the file; other arrays of numbers stay on one line."""
+
+
+def _round(x: Any) -> Any:
+    """6 significant digits: plenty for a report, a third of the bytes of a float's repr."""
+    if isinstance(x, float) and math.isfinite(x):
+        return float(f"{x:.6g}")
+    return x
 
 
 def utc_now_iso() -> str:
@@ -35,7 +57,11 @@ class PostmortemRecorder:
         self.config = config
         self.started = time.time()
         self.events: list[dict[str, Any]] = []
+        """The first `MAX_EVENTS // 2` events; the most recent ones are in `recent_events`."""
+        self.recent_events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS - MAX_EVENTS // 2)
         self.events_dropped = 0
+        self.event_counts: dict[str, int] = {}
+        self._open: list[list[Any]] = []  # [event, steps of history still to append after it]
         self.history: deque[tuple[int, float | None, float | None]] = deque(maxlen=config.history_size)
         self.last_metrics: dict[str, Any] = {}
         self.counters: dict[str, float] = {"nan_count": 0, "skipped_steps": 0, "rollbacks": 0, "lr_reductions": 0,
@@ -48,6 +74,11 @@ class PostmortemRecorder:
 
     def observe(self, step: int, loss: float | None, grad_norm: float | None, lr: float | None = None) -> None:
         self.history.append((step, loss, grad_norm))
+        if self._open:  # the steps after a recent event: did the run recover?
+            for item in self._open:
+                item[0]["history"].append([step, _round(loss), _round(grad_norm)])
+                item[1] -= 1
+            self._open = [item for item in self._open if item[1] > 0]
         if step % self._curve_stride == 0:
             self.curve.append([step, loss, grad_norm, lr])
             if len(self.curve) >= MAX_CURVE_POINTS:  # keep the size bounded for a run of any length
@@ -69,12 +100,30 @@ class PostmortemRecorder:
             event["escalation"] = reason
         if details:
             event["details"] = details
-        event["history"] = [list(h) for h in self.history]
-        if len(self.events) < MAX_EVENTS:
+        event["history"] = [[h[0], _round(h[1]), _round(h[2])] for h in self.history]
+        self.event_counts[event["failure"]] = self.event_counts.get(event["failure"], 0) + 1
+        if len(self.events) < MAX_EVENTS // 2:
             self.events.append(event)
         else:
-            self.events_dropped += 1
+            if len(self.recent_events) == self.recent_events.maxlen:
+                self.events_dropped += 1
+            self.recent_events.append(event)
+        if HISTORY_AFTER > 0:
+            self._open.append([event, HISTORY_AFTER])
         return event
+
+    def stored_events(self) -> list[dict[str, Any]]:
+        """The events as written: the detailed ones at both ends keep their whole history window,
+        the ones between a short one."""
+        events = self.events + list(self.recent_events)
+        out = []
+        for i, ev in enumerate(events):
+            if DETAILED_EVENTS <= i < len(events) - DETAILED_EVENTS:
+                s = ev["step"]
+                ev = {k: v for k, v in ev.items() if k != "references"}  # the detailed ones carry them
+                ev["history"] = [h for h in ev.get("history", []) if s - SHORT_BEFORE < h[0] <= s + SHORT_AFTER]
+            out.append(ev)
+        return out
 
     def build(self, exit_reason: str, *, last_step: int, max_steps: int | None = None,
               exception: BaseException | None = None, trainer_class: str | None = None,
@@ -91,12 +140,13 @@ class PostmortemRecorder:
             "running_time_seconds": round(time.time() - self.started, 3),
             "trainer_class": trainer_class,
             "final_metrics": dict(self.last_metrics),
-            "recovery_actions": list(self.events),
+            "recovery_actions": self.stored_events(),
             "recovery_actions_dropped": self.events_dropped,
+            "event_counts": dict(self.event_counts),
             "counters": dict(self.counters),
             "skipped_batches": list(self.skipped_batches),
             "curve": {"columns": ["step", "loss", "grad_norm", "lr"], "stride": self._curve_stride,
-                      "points": list(self.curve)},
+                      "points": [[pt[0], *(_round(v) for v in pt[1:])] for pt in self.curve]},
             "config": self.config.to_dict(),
         }
         pm.update(self.extra)
@@ -105,7 +155,37 @@ class PostmortemRecorder:
         return pm
 
     def write(self, path: str | Path, postmortem: dict[str, Any]) -> None:
-        atomic_write_json(path, postmortem)
+        atomic_write_text(path, dumps_postmortem(postmortem))
+
+
+def dumps_postmortem(pm: dict[str, Any]) -> str:
+    """Standard JSON (NaN/Inf as strings), indented, with arrays of numbers kept compact."""
+    return _encode(json_safe(pm), 0, "") + "\n"
+
+
+def _is_leaf_list(v: Any) -> bool:
+    return isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v)
+
+
+def _encode(o: Any, level: int, key: str) -> str:
+    pad, inner = "  " * level, "  " * (level + 1)
+    if isinstance(o, dict):
+        if not o:
+            return "{}"
+        items = [f"{inner}{_leaf(k)}: {_encode(v, level + 1, k)}" for k, v in o.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(o, list):
+        if not o:
+            return "[]"
+        if key not in _ONE_PER_LINE and all(_is_leaf_list(x) or not isinstance(x, (dict, list)) for x in o):
+            return _leaf(o)
+        items = [inner + (_leaf(x) if _is_leaf_list(x) else _encode(x, level + 1, "")) for x in o]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    return _leaf(o)
+
+
+def _leaf(o: Any) -> str:
+    return json.dumps(o, allow_nan=False, ensure_ascii=False)
 
 
 def _tb_summary(exc: BaseException, limit: int = 8) -> list[str]:
@@ -131,25 +211,165 @@ def load_postmortem(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def format_postmortem(pm: dict[str, Any]) -> str:
-    """A short human summary: first line says how the run ended."""
+def _num(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _curve_points(pm: dict[str, Any]) -> list[list[Any]]:
+    curve = pm.get("curve") or {}
+    return [pt for pt in curve.get("points") or [] if isinstance(pt, list) and len(pt) >= 2]
+
+
+def headline(pm: dict[str, Any]) -> str:
+    """One line: how the run ended, where, and why."""
     pm = json_safe(pm)
-    lines = [f"run {pm.get('exit_reason')} at step {pm.get('last_step')}"
-             + (f"/{pm['max_steps']}" if pm.get("max_steps") else "")
-             + f" after {pm.get('running_time_seconds')} s"]
+    reason = str(pm.get("exit_reason"))
+    where = f"at step {pm.get('last_step')}" + (f"/{pm['max_steps']}" if pm.get("max_steps") else "")
+    t = pm.get("running_time_seconds")
+    took = f" after {_duration(t)}" if isinstance(t, (int, float)) else ""
+    acts = pm.get("recovery_actions") or []
+    n = sum((pm.get("event_counts") or {}).values()) or len(acts)
+    if reason == "completed":
+        why = (f"{n} failure{'s' if n != 1 else ''} healed" + (f" ({_kinds(pm)})" if n else "")) if n else \
+            "nothing to heal"
+        return f"COMPLETED {where}{took}: {why}"
+    if reason == "gave_up":
+        why = pm.get("give_up_reason") or next((a.get("escalation") or a.get("diagnosis") for a in reversed(acts)
+                                               if "give_up" in (a.get("actions") or [])), "reason not recorded")
+        return f"GAVE UP {where}{took}: {why}"
+    if pm.get("exception_type"):
+        msg = str(pm.get("exception_message") or "").strip().splitlines()
+        return f"{reason.upper()} {where}{took}: {pm['exception_type']}" + (f": {msg[0][:200]}" if msg else "")
+    return f"{reason.upper()} {where}{took}"
+
+
+def _n(count: Any, noun: str) -> str:
+    return f"{_num(count)} {noun}" + ("" if count == 1 else "s")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _kinds(pm: dict[str, Any]) -> str:
+    counts = pm.get("event_counts") or {}
+    if not counts:
+        for a in pm.get("recovery_actions") or []:
+            counts[a.get("failure")] = counts.get(a.get("failure"), 0) + 1
+    return ", ".join(f"{k} x{v}" if v > 1 else str(k) for k, v in counts.items())
+
+
+def _around(ev: dict[str, Any], before: int = 3, after: int = 3) -> str:
+    """The loss a few steps either side of the event, e.g. `22:1.93 23:1.91 [25:nan] 26:1.89`."""
+    hist = [h for h in ev.get("history") or [] if isinstance(h, list) and len(h) >= 2]
+    step = ev.get("step")
+    if not hist or not isinstance(step, int):
+        return ""
+    pre = [h for h in hist if h[0] < step][-before:]
+    at = [h for h in hist if h[0] == step]
+    post = [h for h in hist if h[0] > step][:after]
+    parts = [f"{h[0]}:{_num(h[1])}" for h in pre] + [f"[{h[0]}:{_num(h[1])}]" for h in at] + \
+        [f"{h[0]}:{_num(h[1])}" for h in post]
+    return " ".join(parts)
+
+
+def group_events(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Runs of events on consecutive steps with the same failure and actions (a NaN streak that was
+    skipped step after step) grouped, so a report reads as incidents, not as one line per step.
+    A rollback or a give-up is always an incident of its own."""
+    groups: list[list[dict[str, Any]]] = []
+    for ev in events:
+        last = groups[-1][-1] if groups else None
+        if (last is not None and isinstance(ev.get("step"), int) and isinstance(last.get("step"), int)
+                and ev["step"] == last["step"] + 1 and ev.get("failure") == last.get("failure")
+                and ev.get("actions") == last.get("actions") and ev.get("escalation") == last.get("escalation")
+                and not {"rollback", "give_up"} & set(ev.get("actions") or [])):
+            groups[-1].append(ev)
+        else:
+            groups.append([ev])
+    return groups
+
+
+def _detail(k: str, v: Any) -> str:
+    if isinstance(v, dict) and "lr_before" in v and "lr_after" in v:
+        before, after = (x[0] if isinstance(x, list) and x else x for x in (v["lr_before"], v["lr_after"]))
+        return f"LR {_num(before)} -> {_num(after)}"
+    if isinstance(v, dict):
+        return f"{k}(" + ", ".join(f"{k2}={_num(v2)}" for k2, v2 in v.items()) + ")"
+    return f"{k}={_num(v)}"
+
+
+def format_postmortem(pm: dict[str, Any], max_events: int = 20) -> str:
+    """A short human summary. The first line says how the run ended and why; then the run's
+    numbers, and each recovery: step, failure, diagnosis, actions, evidence, the loss around it.
+    With more than `max_events` recoveries, the first and last `max_events // 2` are listed."""
+    pm = json_safe(pm)
+    lines = [headline(pm)]
+    c = pm.get("counters") or {}
+    facts = [f"trainer {pm['trainer_class']}" if pm.get("trainer_class") else "",
+             f"ended {pm['timestamp']}" if pm.get("timestamp") else ""]
+    if any(facts):
+        lines.append("  run: " + ", ".join(f for f in facts if f))
+    if c:
+        parts = [_n(c.get("skipped_steps", 0), "step") + " skipped", _n(c.get("rollbacks", 0), "rollback")
+                 + (f" ({_n(c.get('steps_lost', 0), 'step')} lost)" if c.get("rollbacks") else ""),
+                 _n(c.get("lr_reductions", 0), "LR cut")]
+        if pm.get("lr_scale") not in (None, 1, 1.0):
+            parts.append(f"LR now x{_num(pm['lr_scale'])} of the original")
+        for k in ("exceptions_healed", "batch_reductions", "skipped_batches"):
+            if isinstance(c.get(k), (int, float)) and c.get(k):
+                parts.append(f"{k.replace('_', ' ')} {c[k]}")
+        lines.append("  healing: " + ", ".join(parts))
+    pts = [pt for pt in _curve_points(pm) if isinstance(pt[1], (int, float))]
+    if pts:
+        lines.append(f"  loss: {_num(pts[0][1])} at step {pts[0][0]} -> {_num(pts[-1][1])} at step {pts[-1][0]}"
+                     f" (lowest {_num(min(p[1] for p in pts))})")
+    fm = pm.get("final_metrics") or {}
+    keys = [k for k in ("loss", "train_loss", "eval_loss", "grad_norm", "learning_rate", "reward") if k in fm]
+    if keys:
+        lines.append("  final metrics: " + ", ".join(f"{k}={_num(fm[k])}" for k in keys))
     if pm.get("exception_type"):
         lines.append(f"  exception: {pm['exception_type']}: {pm.get('exception_message')}")
+        diag = pm.get("diagnosis") if isinstance(pm.get("diagnosis"), dict) else {}
+        if diag.get("summary"):
+            lines.append(f"    diagnosis: {diag['summary']}")
+        for fr in (pm.get("traceback") or [])[-3:]:
+            lines.append(f"    at {fr}")
     acts = pm.get("recovery_actions") or []
-    lines.append(f"  recoveries: {len(acts)}" + (f" (+{pm['recovery_actions_dropped']} not stored)"
-                                                 if pm.get("recovery_actions_dropped") else ""))
-    for ev in acts:
-        lines.append(f"  - step {ev.get('step')}: {ev.get('failure')} -> {', '.join(ev.get('actions') or [])}")
-        lines.append(f"      {ev.get('diagnosis')}")
-        if ev.get("escalation"):
-            lines.append(f"      escalation: {ev['escalation']}")
-    fm = pm.get("final_metrics") or {}
-    if fm:
-        keys = [k for k in ("loss", "train_loss", "grad_norm", "learning_rate", "eval_loss") if k in fm]
-        lines.append("  final metrics: " + ", ".join(
-            f"{k}={fm[k]:.4g}" if isinstance(fm[k], float) else f"{k}={fm[k]}" for k in keys))
+    dropped = pm.get("recovery_actions_dropped") or 0
+    restored = next((a["details"]["restored_step"] for a in reversed(acts)
+                     if isinstance(a.get("details"), dict) and "restored_step" in a["details"]), None)
+    if restored is not None:
+        lines.append(f"  weights: the last verified snapshot (step {restored}) was loaded back before stopping")
+    if acts:
+        groups = group_events(acts)
+        lines.append(f"  recoveries: {len(acts) + dropped} events" + (f" ({dropped} not stored)" if dropped else "")
+                     + (f" in {len(groups)} incidents" if len(groups) != len(acts) else "") + ":")
+        half = max_events // 2
+        shown = groups if len(groups) <= max_events else groups[:half] + [None] + groups[-half:]
+        for g in shown:
+            if g is None:
+                lines.append(f"  ... {len(groups) - 2 * half} more in the postmortem (report --all lists them) ...")
+                continue
+            ev = g[0]
+            where = f"step {ev.get('step')}" if len(g) == 1 else f"steps {ev.get('step')}-{g[-1].get('step')}"
+            lines.append(f"  - {where}: {ev.get('failure')} -> {', '.join(ev.get('actions') or [])}"
+                         + (f" (each of {len(g)} steps)" if len(g) > 1 else ""))
+            lines.append(f"      why: {ev.get('diagnosis')}")
+            ev_ = ev.get("evidence") or {}
+            if ev_:
+                lines.append("      evidence: " + ", ".join(_detail(k, v) for k, v in ev_.items()))
+            if ev.get("escalation"):
+                lines.append(f"      escalation: {ev['escalation']}")
+            if ev.get("details"):
+                lines.append("      done: " + ", ".join(_detail(k, v) for k, v in ev["details"].items()))
+            around = _around({**ev, "history": g[-1].get("history") or ev.get("history")} if len(g) > 1 else ev)
+            if around:
+                lines.append(f"      loss around it: {around}")
     return "\n".join(lines)
