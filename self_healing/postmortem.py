@@ -28,6 +28,7 @@ from typing import Any
 from .config import HealingConfig
 from .diagnosis import Diagnosis
 from .io import atomic_write_text, json_safe
+from .redact import redact
 
 MAX_EVENTS = 500
 MAX_CURVE_POINTS = 2000
@@ -100,6 +101,7 @@ class PostmortemRecorder:
             event["escalation"] = reason
         if details:
             event["details"] = details
+        event = redact(event)  # exception text, evidence, details: no token reaches a log, alert or file
         event["history"] = [[h[0], _round(h[1]), _round(h[2])] for h in self.history]
         self.event_counts[event["failure"]] = self.event_counts.get(event["failure"], 0) + 1
         if len(self.events) < MAX_EVENTS // 2:
@@ -152,10 +154,10 @@ class PostmortemRecorder:
         pm.update(self.extra)
         if extra:
             pm.update(extra)
-        return pm
+        return redact(pm)
 
     def write(self, path: str | Path, postmortem: dict[str, Any]) -> None:
-        atomic_write_text(path, dumps_postmortem(postmortem))
+        atomic_write_text(path, dumps_postmortem(redact(postmortem)))
 
 
 def dumps_postmortem(pm: dict[str, Any]) -> str:
@@ -349,7 +351,7 @@ def format_postmortem(pm: dict[str, Any], max_events: int = 20) -> str:
         lines.append(f"  weights: the last verified snapshot (step {restored}) was loaded back before stopping")
     if acts:
         groups = group_events(acts)
-        lines.append(f"  recoveries: {len(acts) + dropped} events" + (f" ({dropped} not stored)" if dropped else "")
+        lines.append(f"  recoveries: {_n(len(acts) + dropped, 'event')}" + (f" ({dropped} not stored)" if dropped else "")
                      + (f" in {len(groups)} incidents" if len(groups) != len(acts) else "") + ":")
         half = max_events // 2
         shown = groups if len(groups) <= max_events else groups[:half] + [None] + groups[-half:]

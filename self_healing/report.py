@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .postmortem import group_events, headline
+from .postmortem import format_postmortem, group_events, headline
 
 # category -> (colour, legend label); the first category whose action an event took wins
 CATEGORIES: dict[str, tuple[str, str]] = {
@@ -30,7 +30,7 @@ CATEGORIES: dict[str, tuple[str, str]] = {
     "rollback": ("#d62728", "rolled back"),
     "lr_change": ("#9467bd", "LR changed"),
     "batch_change": ("#1f77b4", "batch changed"),
-    "skip": ("#ff7f0e", "step/batch skipped"),
+    "skip": ("#ff7f0e", "skipped"),
     "detected": ("#7f7f7f", "detected (no action)"),
 }
 _ACTION_CATEGORY = {"give_up": "give_up", "rollback": "rollback", "reduce_lr": "lr_change",
@@ -125,8 +125,10 @@ def plot_postmortem(pm: dict[str, Any], path: str | Path, title: str | None = No
     info = PlotInfo(path=path, points=sum(1 for v in losses if v is not None))
 
     has_lr = len(lrs) >= 2
-    height = 7.4 if has_lr else 6.4
-    top = 1 - 0.85 / height  # room for the title and the legend rows above the panels
+    lines = format_postmortem(pm, max_events=0).splitlines()
+    facts = [ln.strip()[:150] for ln in lines if ln.startswith(("  healing:", "  loss:", "  weights:"))]
+    height = (7.4 if has_lr else 6.4) + 0.17 * len(facts)
+    top = 1 - (0.8 + 0.17 * len(facts)) / height  # room for the title, the facts and the legend rows
     fig = Figure(figsize=(10, height), dpi=dpi)
     FigureCanvasAgg(fig)
     ratios = [3, 2, 1] if has_lr else [3, 2]
@@ -211,6 +213,9 @@ def plot_postmortem(pm: dict[str, Any], path: str | Path, title: str | None = No
     ok = pm.get("exit_reason") == "completed"
     fig.suptitle(head if len(head) <= 110 else head[:107] + "...", fontsize=11, fontweight="bold",
                  color="#1a7f37" if ok else "#b42318", x=0.01, y=0.995, ha="left", va="top")
+    if facts:  # the numbers that say whether the model is fine, under the title
+        fig.text(0.01, 1 - 0.34 / height, "\n".join(facts), fontsize=8.5, color="#444444", ha="left", va="top",
+                 linespacing=1.3)
     fig.subplots_adjust(left=0.08, right=0.98, top=top, bottom=0.08)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
