@@ -19,6 +19,8 @@ DEMO_FAULTS = {
     "adam": ("zero_exp_avg_sq", {}),
     "spike": ("lr_scale", {"duration": 3}),
 }
+# Not yet: "oom" and "data" (Fault("exception", step, exception=..., when=...)) belong here once crash
+# healing (halve the batch on OOM, skip a bad batch) is committed and heals them in a tiny CPU run.
 
 
 def _quiet() -> None:
