@@ -34,7 +34,9 @@ from .healing import (HealingPolicy, restore_scheduled_lr, scale_lr, scheduled_l
                       tighten_clipping)
 from .postmortem import PostmortemRecorder
 from .snapshot import SnapshotRing, state_report, unwrap_optimizer
-from .zclip import ZClip, scale_gradients
+from .monitors import monitors_for
+from .tracking import make_tracker
+from .zclip import ZClip, load_from_trainer_state, save_to_trainer_state, scale_gradients
 
 logger = logging.getLogger("self_healing")
 
@@ -84,6 +86,8 @@ class SelfHealingCallback(TrainerCallback):
         self.monitors: list[Any] = []
         """Trainer-aware monitors: optional methods `on_log(step, logs)` and
         `on_evaluate(step, metrics)` returning a list of `Diagnosis` to act on."""
+        self.tracker: Any = None
+        """The trackio tracker when the Trainer reports to trackio (`self_healing.tracking`)."""
 
     # ------------------------------------------------------------------------------------------
     # wiring
@@ -104,6 +108,12 @@ class SelfHealingCallback(TrainerCallback):
             self.zclip.warmup_max_norm = cap if cap > 0 else None
             self._wrap("_clip_grad_norm", self._make_clip_grad_norm)
         trainer.add_callback(self)
+        # trainer-aware monitors (chosen by the trainer's type) and the trackio dashboard
+        self.monitors.extend(monitors_for(kind, self.config, trainer.args))
+        self.tracker = make_tracker(self, trainer.args)
+        if self.tracker is not None:
+            self.observers.append(self.tracker)
+            trainer.add_callback(self.tracker)  # after TrackioCallback: its hooks align the step axis
         return self
 
     def detach(self) -> None:
@@ -114,6 +124,8 @@ class SelfHealingCallback(TrainerCallback):
                 setattr(self.trainer, name, orig)
         self._wrapped.clear()
         self.trainer.remove_callback(self)
+        if self.tracker is not None:
+            self.trainer.remove_callback(self.tracker)
 
     def _wrap(self, name: str, factory) -> None:
         t = self.trainer
@@ -189,6 +201,8 @@ class SelfHealingCallback(TrainerCallback):
             logger.info("self-healing: ZClip is on; the Trainer's fixed max_grad_norm=%s clips only during ZClip's "
                         "%s warm-up steps, then ZClip's adaptive threshold replaces it",
                         args.max_grad_norm, self.zclip.warmup_steps)
+        if self.zclip is not None and state.global_step > 0 and load_from_trainer_state(self.zclip, state):
+            logger.info("self-healing: ZClip statistics restored from the checkpoint (step %s)", state.global_step)
         report = state_report(self.model, self.optimizer, state.global_step)
         if report.weights_finite and report.optimizer_finite:
             self._ref_report = report
@@ -226,6 +240,8 @@ class SelfHealingCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.zclip is not None:  # saved into trainer_state.json by the next checkpoint
+            save_to_trainer_state(self.zclip, state)
         now = time.perf_counter()
         if self._last_step_end is not None:
             self._step_times.append(now - self._last_step_end)

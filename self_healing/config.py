@@ -78,6 +78,32 @@ class HealingConfig:
     zclip_alpha: float = 0.97
     zclip_warmup_steps: int = 25
     zclip_mode: str = "zscore"
+    zclip_clip_option: str = "adaptive_scaling"
+    """In `zscore` mode, how an outlier is clipped: "adaptive_scaling" (the paper's reciprocal
+    threshold, mean + z·std / (z_t/z)) or "mean" (to the EMA mean)."""
+
+    # --- trainer-aware monitors and trackio (self_healing.monitors, self_healing.tracking) -----
+    monitors_enabled: bool = True
+    """Monitors picked by trainer type (DPO plateau, GRPO reward collapse/KL, overfitting)."""
+    plateau_patience_steps: int = 50
+    """Steps a preference loss must sit at its chance value (ln 2 for DPO) with margin ~0."""
+    plateau_loss_tolerance: float = 0.01
+    plateau_margin_tolerance: float = 0.02
+    plateau_lr_factor: float = 2.0
+    """LR raise per plateau finding (2-5x), applied until `plateau_max_lr_scale` in total."""
+    plateau_max_lr_scale: float = 5.0
+    reward_collapse_patience_steps: int = 20
+    reward_std_tolerance: float = 1e-4
+    """`reward_std` at or below this counts as no spread (when TRL logs no `frac_reward_zero_std`)."""
+    reward_drop_fraction: float = 0.5
+    """Fraction of its gain the smoothed mean reward must lose to count as a collapse."""
+    kl_max: float = 10.0
+    kl_spike_factor: float = 10.0
+    """KL above this many times its running median is a blow-up (as is KL above `kl_max`)."""
+    overfit_gap: float = 0.5
+    """eval_loss - train_loss above this at an evaluation is overfitting (alert only)."""
+    trackio_logging: bool = True
+    """When the Trainer reports to trackio, log `healing/*`, `zclip/*` and alerts to its run."""
 
     # --- rollback targets ----------------------------------------------------------------------
     snapshot_every_steps: int | str = "auto"
@@ -156,6 +182,20 @@ class HealingConfig:
         num_in("zclip_alpha", 0.0, 1.0, lo_open=True, hi_open=True)
         int_at_least("zclip_warmup_steps", 0)
         need(self.zclip_mode in ("zscore", "percentile"), "zclip_mode", "'zscore' or 'percentile'")
+        need(self.zclip_clip_option in ("adaptive_scaling", "mean"), "zclip_clip_option", "'adaptive_scaling' or 'mean'")
+        need(isinstance(self.monitors_enabled, bool), "monitors_enabled", "true or false")
+        int_at_least("plateau_patience_steps", 1)
+        num_in("plateau_loss_tolerance", 0.0, 10.0)
+        num_in("plateau_margin_tolerance", 0.0, 1e6)
+        num_in("plateau_lr_factor", 1.0, 5.0, lo_open=True)
+        num_in("plateau_max_lr_scale", 1.0, 1e3)
+        int_at_least("reward_collapse_patience_steps", 1)
+        num_in("reward_std_tolerance", 0.0, 1e6)
+        num_in("reward_drop_fraction", 0.0, 1.0, lo_open=True)
+        num_in("kl_max", 0.0, 1e12, lo_open=True)
+        num_in("kl_spike_factor", 1.0, 1e12, lo_open=True)
+        num_in("overfit_gap", 0.0, 1e12, lo_open=True)
+        need(isinstance(self.trackio_logging, bool), "trackio_logging", "true or false")
         need(
             self.snapshot_every_steps == "auto" or (_is_int(self.snapshot_every_steps) and self.snapshot_every_steps >= 1),
             "snapshot_every_steps",

@@ -29,6 +29,7 @@ class FailureKind(str, Enum):
     DPO_PLATEAU = "dpo_plateau"
     REWARD_COLLAPSE = "reward_collapse"
     OVERFITTING = "overfitting"
+    KL_BLOWUP = "kl_blowup"
     INTERRUPTED = "interrupted"
     UNKNOWN = "unknown"
 
@@ -81,6 +82,21 @@ REFERENCES: dict[FailureKind, list[str]] = {
     FailureKind.LR_SPIKE: ["LR outside the schedule: restore the scheduled value before the update lands"],
     FailureKind.OOM: ["Composer auto-microbatching: halve the microbatch, keep the global batch"],
     FailureKind.DATA_ERROR: ["PaLM (arXiv:2204.02311): skip the offending batches"],
+    # trainer-aware monitors (self_healing.monitors)
+    FailureKind.DPO_PLATEAU: [
+        "DPO (arXiv:2305.18290): loss -log σ(β·margin) is ln 2 at zero margin, so loss ≈ ln 2 with margin ≈ 0 means "
+        "nothing is being learned",
+        "ORPO (arXiv:2403.07691), KTO (arXiv:2402.01306), CPO (arXiv:2401.08417): the same chance values of their losses",
+    ],
+    FailureKind.REWARD_COLLAPSE: [
+        "GRPO (DeepSeekMath, arXiv:2402.03300): group-normalised advantages are 0 when a group's rewards are all equal",
+        "DAPO (arXiv:2503.14476) §3.2: zero-variance groups give no gradient (dynamic sampling drops them)",
+    ],
+    FailureKind.KL_BLOWUP: [
+        "InstructGPT (arXiv:2203.02155): the KL penalty to the reference policy bounds how far RL moves the model",
+    ],
+    FailureKind.OVERFITTING: ["Prechelt, Early Stopping - But When? (1998): stop when validation loss departs from "
+                              "training loss"],
 }
 
 

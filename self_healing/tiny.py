@@ -1,8 +1,9 @@
 """Tiny offline models, tokenizer and datasets for rehearsals, the demo, tests and benchmarks.
 
 Nothing is downloaded: the tokenizer is built with the `tokenizers` library, the model from a
-config (`LlamaConfig`, 2 layers, hidden 64 by default), the data from a small word grammar. All
-four trainers (Trainer, SFT, DPO, GRPO) run tens of steps per second on a laptop CPU.
+config (`LlamaConfig`, 2 layers, hidden 64 by default), the data from a small word grammar. Every
+supported trainer (Trainer, SFT, DPO, GRPO, KTO, RLOO, Reward, and TRL's experimental ORPO/CPO)
+can be built here, with or without a LoRA adapter, and runs several steps per second on a CPU.
 """
 
 from __future__ import annotations
@@ -76,6 +77,47 @@ def dpo_dataset(n: int = 256, seed: int = 0):
                                "rejected": " " + scrambled(rng)} for _ in range(n)])
 
 
+def tied_preference_dataset(n: int = 256, seed: int = 0):
+    """Preference pairs whose chosen and rejected answers are the same text: nothing to learn, so a
+    preference trainer's loss stays at its chance value (a DPO plateau, reproducibly)."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        answer = " " + sentence(rng).split(" ", 2)[2]
+        rows.append({"prompt": rng.choice(SUBJECTS), "chosen": answer, "rejected": answer})
+    return Dataset.from_list(rows)
+
+
+def kto_dataset(n: int = 256, seed: int = 0):
+    """Unpaired preference data (prompt, completion, label), half desirable, half not."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = i % 2 == 0
+        completion = " " + (sentence(rng).split(" ", 2)[2] if good else scrambled(rng))
+        rows.append({"prompt": rng.choice(SUBJECTS), "completion": completion, "label": good})
+    return Dataset.from_list(rows)
+
+
+def memorise_dataset(n: int = 8, seed: int = 0, length: int = 40):
+    """A handful of random character strings: a model memorises them quickly and generalises to
+    nothing, so eval loss on another such set rises while train loss falls (overfitting)."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    chars = "abcdefghijklmnopqrstuvwxyz "
+    return Dataset.from_list([{"text": "".join(rng.choice(chars) for _ in range(length))} for _ in range(n)])
+
+
+def constant_reward(completions, **kwargs) -> list[float]:
+    """A reward that ignores the completion: every group has zero reward spread (reward collapse)."""
+    return [1.0 for _ in completions]
+
+
 def grpo_dataset(n: int = 256, seed: int = 0):
     from datasets import Dataset
 
@@ -96,46 +138,117 @@ def _common_args(output_dir: str, max_steps: int, lr: float, seed: int, override
     return args
 
 
+TRAINER_KINDS = ("trainer", "sft", "dpo", "grpo", "kto", "rloo", "reward", "orpo", "cpo")
+
+
+def tiny_lora_config(task_type: str = "CAUSAL_LM"):
+    """A small LoRA adapter on the attention projections (peft)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type=task_type)
+
+
+def _reload_from_disk(model, path: str):
+    """Save the tiny model to `path` and load it back, so `config._name_or_path` names a local
+    directory (TRL's GRPO/RLOO create their reference model from that name)."""
+    model.save_pretrained(path)
+    return type(model).from_pretrained(path)
+
+
 def build_trainer(kind: str = "sft", output_dir: str = "outputs/tiny", max_steps: int = 60, lr: float | None = None,
                   seed: int = 0, hidden: int = 64, layers: int = 2, callbacks: list | None = None,
-                  **overrides: Any):
-    """A ready tiny trainer of `kind` in {"trainer", "sft", "dpo", "grpo"}; `overrides` go to its args."""
+                  *, lora: bool = False, train_dataset: Any = None, eval_dataset: Any = None,
+                  reward_funcs: Any = None, **overrides: Any):
+    """A ready tiny trainer of `kind` (one of `TRAINER_KINDS`); `overrides` go to its args.
+
+    `lora=True` trains a LoRA adapter instead of the full model (TRL trainers get `peft_config`, the
+    plain Trainer a `get_peft_model` model). `train_dataset`/`eval_dataset`/`reward_funcs` replace the
+    defaults (the GRPO/RLOO reward is `letter_reward` by default).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if kind not in TRAINER_KINDS:
+        raise ValueError(f"kind={kind!r} is not accepted: expected one of {', '.join(TRAINER_KINDS)}")
     tok = tiny_tokenizer()
-    model = tiny_llama(tok, hidden=hidden, layers=layers, seed=seed)
+    model = tiny_llama(tok, hidden=hidden, layers=layers, seed=seed) if kind != "reward" else None
+    peft = {"peft_config": tiny_lora_config("SEQ_CLS" if kind == "reward" else "CAUSAL_LM")} if lora else {}
+    common = dict(processing_class=tok, callbacks=callbacks, eval_dataset=eval_dataset, **peft)
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**_common_args(output_dir, max_steps, lr or 3e-3, seed,
                                         {"per_device_train_batch_size": 8, "max_length": 64, **overrides}))
-        return SFTTrainer(model=model, args=args, train_dataset=sft_dataset(seed=seed), processing_class=tok,
-                          callbacks=callbacks)
+        return SFTTrainer(model=model, args=args, train_dataset=train_dataset or sft_dataset(seed=seed), **common)
     if kind == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(**_common_args(output_dir, max_steps, lr or 5e-4, seed,
                                         {"per_device_train_batch_size": 8, "max_length": 64, **overrides}))
-        ref = tiny_llama(tok, hidden=hidden, layers=layers, seed=seed)
-        return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dpo_dataset(seed=seed),
-                          processing_class=tok, callbacks=callbacks)
-    if kind == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
+        # with LoRA the reference is the base model with the adapter disabled
+        ref = None if lora else tiny_llama(tok, hidden=hidden, layers=layers, seed=seed)
+        return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=train_dataset or dpo_dataset(seed=seed),
+                          **common)
+    if kind == "kto":
+        from trl import KTOConfig, KTOTrainer
 
-        args = GRPOConfig(**_common_args(output_dir, max_steps, lr or 1e-3, seed,
-                                         {"per_device_train_batch_size": 4, "num_generations": 4,
-                                          "max_completion_length": 8, **overrides}))
-        return GRPOTrainer(model=model, reward_funcs=letter_reward, args=args, train_dataset=grpo_dataset(seed=seed),
-                           processing_class=tok, callbacks=callbacks)
-    if kind == "trainer":
-        from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+        args = KTOConfig(**_common_args(output_dir, max_steps, lr or 5e-4, seed,
+                                        {"per_device_train_batch_size": 8, "max_length": 64, **overrides}))
+        ref = None if lora else tiny_llama(tok, hidden=hidden, layers=layers, seed=seed)
+        return KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=train_dataset or kto_dataset(seed=seed),
+                          **common)
+    if kind in ("orpo", "cpo"):
+        import warnings
 
-        ds = sft_dataset(seed=seed).map(lambda b: tok(b["text"], truncation=True, max_length=64), batched=True,
-                                        remove_columns=["text"])
-        args = TrainingArguments(**_common_args(output_dir, max_steps, lr or 3e-3, seed,
-                                                {"per_device_train_batch_size": 8, **overrides}))
-        return Trainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=callbacks)
-    raise ValueError(f"kind={kind!r} is not accepted: expected 'trainer', 'sft', 'dpo' or 'grpo'")
+        with warnings.catch_warnings():  # "experimental" warnings on import
+            warnings.simplefilter("ignore")
+            if kind == "orpo":
+                from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Cls
+            else:
+                from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Cls
+        args = Config(**_common_args(output_dir, max_steps, lr or 5e-4, seed,
+                                     {"per_device_train_batch_size": 8, "max_length": 64, **overrides}))
+        return Cls(model=model, args=args, train_dataset=train_dataset or dpo_dataset(seed=seed), **common)
+    if kind == "reward":
+        from transformers import LlamaConfig, LlamaForSequenceClassification
+        from trl import RewardConfig, RewardTrainer
+
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_labels=1,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        torch.manual_seed(seed)
+        rm = LlamaForSequenceClassification(cfg)
+        args = RewardConfig(**_common_args(output_dir, max_steps, lr or 1e-3, seed,
+                                           {"per_device_train_batch_size": 8, "max_length": 64, **overrides}))
+        return RewardTrainer(model=rm, args=args, train_dataset=train_dataset or dpo_dataset(seed=seed), **common)
+    if kind in ("grpo", "rloo"):
+        if kind == "grpo":
+            from trl import GRPOConfig as Config, GRPOTrainer as Cls
+        else:
+            from trl import RLOOConfig as Config, RLOOTrainer as Cls
+        args = Config(**_common_args(output_dir, max_steps, lr or 1e-3, seed,
+                                     {"per_device_train_batch_size": 4, "num_generations": 4,
+                                      "max_completion_length": 8, **overrides}))
+        if args.beta != 0.0 and not lora:
+            # TRL builds the KL reference model from the policy's name: give it a local one
+            model = _reload_from_disk(model, os.path.join(output_dir, "tiny-base"))
+        return Cls(model=model, reward_funcs=reward_funcs or letter_reward, args=args,
+                   train_dataset=train_dataset or grpo_dataset(seed=seed), **common)
+    # kind == "trainer"
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    def tokenize(ds):
+        return ds.map(lambda b: tok(b["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"])
+
+    if lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft.pop("peft_config"))
+        common.pop("peft_config")
+    if eval_dataset is not None:
+        common["eval_dataset"] = tokenize(eval_dataset)
+    args = TrainingArguments(**_common_args(output_dir, max_steps, lr or 3e-3, seed,
+                                            {"per_device_train_batch_size": 8, **overrides}))
+    return Trainer(model=model, args=args, train_dataset=tokenize(train_dataset or sft_dataset(seed=seed)),
+                   data_collator=DataCollatorForLanguageModeling(tok, mlm=False), **common)
 
 
 def logged_losses(trainer) -> list[float]:
