@@ -267,15 +267,21 @@ def _kinds(pm: dict[str, Any]) -> str:
     return ", ".join(f"{k} x{v}" if v > 1 else str(k) for k, v in counts.items())
 
 
-def _around(ev: dict[str, Any], before: int = 3, after: int = 3) -> str:
-    """The loss a few steps either side of the event, e.g. `22:1.93 23:1.91 [25:nan] 26:1.89`."""
-    hist = [h for h in ev.get("history") or [] if isinstance(h, list) and len(h) >= 2]
-    step = ev.get("step")
-    if not hist or not isinstance(step, int):
+def _around(group: list[dict[str, Any]], before: int = 3, after: int = 3) -> str:
+    """The loss a few steps either side of an incident (its steps bracketed), e.g.
+    `22:1.93 23:1.91 [25:nan] 26:1.89`."""
+    first, last = group[0].get("step"), group[-1].get("step")
+    if not isinstance(first, int) or not isinstance(last, int):
         return ""
-    pre = [h for h in hist if h[0] < step][-before:]
-    at = [h for h in hist if h[0] == step]
-    post = [h for h in hist if h[0] > step][:after]
+    seen: dict[int, Any] = {}
+    for ev in group:
+        for h in ev.get("history") or []:
+            if isinstance(h, list) and len(h) >= 2 and isinstance(h[0], int):
+                seen[h[0]] = h
+    hist = [seen[k] for k in sorted(seen)]
+    pre = [h for h in hist if h[0] < first][-before:]
+    at = [h for h in hist if first <= h[0] <= last]
+    post = [h for h in hist if h[0] > last][:after]
     parts = [f"{h[0]}:{_num(h[1])}" for h in pre] + [f"[{h[0]}:{_num(h[1])}]" for h in at] + \
         [f"{h[0]}:{_num(h[1])}" for h in post]
     return " ".join(parts)
@@ -354,7 +360,7 @@ def format_postmortem(pm: dict[str, Any], max_events: int = 20) -> str:
         lines.append(f"  recoveries: {_n(len(acts) + dropped, 'event')}" + (f" ({dropped} not stored)" if dropped else "")
                      + (f" in {len(groups)} incidents" if len(groups) != len(acts) else "") + ":")
         half = max_events // 2
-        shown = groups if len(groups) <= max_events else groups[:half] + [None] + groups[-half:]
+        shown = groups if len(groups) <= max_events else groups[:half] + [None] + groups[len(groups) - half:]
         for g in shown:
             if g is None:
                 lines.append(f"  ... {len(groups) - 2 * half} more in the postmortem (report --all lists them) ...")
@@ -371,7 +377,7 @@ def format_postmortem(pm: dict[str, Any], max_events: int = 20) -> str:
                 lines.append(f"      escalation: {ev['escalation']}")
             if ev.get("details"):
                 lines.append("      done: " + ", ".join(_detail(k, v) for k, v in ev["details"].items()))
-            around = _around({**ev, "history": g[-1].get("history") or ev.get("history")} if len(g) > 1 else ev)
+            around = _around(g)
             if around:
                 lines.append(f"      loss around it: {around}")
     return "\n".join(lines)
