@@ -325,6 +325,9 @@ class OverfittingMonitor:
 
     def on_log(self, step: int, logs: Mapping[str, Any]) -> list[Diagnosis]:
         loss = _num(logs, "loss")
+        gn = logs.get("grad_norm")
+        if isinstance(gn, float) and not math.isfinite(gn):
+            return []  # a skipped non-finite step: the Trainer's NaN filter logs a made-up loss (0 at logging_steps=1)
         if loss is not None and _is_train_log(logs):
             self.train_losses.append(loss)
         return []

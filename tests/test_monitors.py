@@ -178,6 +178,7 @@ def test_overfitting_rearms_only_after_growth_or_recovery():
     for s in range(1, 6):
         m.on_log(s, {"loss": 1.0})
     m.on_log(6, {"train_loss": 0.1, "train_runtime": 1.0})  # end-of-training summary: ignored
+    m.on_log(6, {"loss": 0.0, "grad_norm": float("nan")})  # a skipped NaN step's made-up loss: ignored
     assert len(m.on_evaluate(6, {"eval_loss": 2.0})) == 1 and m.last_gap == pytest.approx(1.0)
     assert m.on_evaluate(7, {"eval_loss": 2.2}) == []  # gap 1.2 < 1.5x the alerted 1.0
     assert len(m.on_evaluate(8, {"eval_loss": 2.6})) == 1  # 1.6

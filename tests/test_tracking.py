@@ -31,19 +31,21 @@ SCRIPT = textwrap.dedent("""
     transformers.logging.set_verbosity_error()
     from self_healing import HealingConfig, SelfHealingTrainer
     from self_healing.faults import Fault, inject_faults
-    from self_healing.tiny import build_trainer
+    from self_healing.tiny import build_trainer, sft_dataset
 
-    def run(name, steps, faults, cfg):
+    def run(name, steps, faults, cfg, **kw):
         tr = build_trainer("sft", output_dir=os.path.join(sys.argv[1], name), max_steps=steps, report_to="trackio",
-                           project="sh-test", run_name=name)
+                           project="sh-test", run_name=name, **kw)
         inject_faults(tr, *faults)
         sh = SelfHealingTrainer(tr, cfg)
         sh.train()
         return sh
 
-    # r1: a NaN loss at step 12 (skipped: WARN), a 4x gradient at step 20 (ZClip clips it: INFO)
+    # r1: a NaN loss at step 12 (skipped: WARN), a 4x gradient at step 20 (ZClip clips it: INFO),
+    # evaluations at steps 12 and 24
     sh = run("r1", 24, [Fault("nan_loss", step=12), Fault("grad_scale", step=20, factor=4.0)],
-             HealingConfig(zclip_enabled=True, zclip_warmup_steps=5, snapshot_every_steps=5))
+             HealingConfig(zclip_enabled=True, zclip_warmup_steps=5, snapshot_every_steps=5),
+             eval_dataset=sft_dataset(16, seed=1), eval_strategy="steps", eval_steps=12)
     # r2: NaN on every step from 6 with no recovery attempts left: gives up (ERROR)
     sh2 = run("r2", 12, [Fault("nan_loss", step=6, duration=100)],
               HealingConfig(nan_patience=0, max_recovery_attempts=0, snapshot_every_steps=5))
@@ -87,7 +89,8 @@ def test_healing_and_zclip_series_every_step(store):
     result, metrics, _ = store
     rows = metrics["r1"]
     for key in ("healing/recovery_attempts", "healing/nan_count", "healing/skipped_steps", "healing/loss_spike_ratio",
-                "zclip/raw_grad_norm", "zclip/clipped_grad_norm", "zclip/total_clips"):
+                "healing/eval_gap", "zclip/raw_grad_norm", "zclip/clipped_grad_norm", "zclip/z_score",
+                "zclip/total_clips"):
         assert key in {k for _, m in rows for k in m}, key
     nan = series(rows, "healing/nan_count")
     assert sorted(nan) == list(range(1, 25))  # one point per optimizer step
@@ -99,6 +102,12 @@ def test_healing_and_zclip_series_every_step(store):
     assert clipped[20] < 0.8 * raw[20] and z[20] > 2.5  # the 4x gradient, clipped by ZClip
     assert all(clipped[s] == raw[s] for s in raw if s > 5 and z[s] <= 2.5)  # no outlier, no clip
     assert series(rows, "zclip/total_clips")[24] >= 1
+    gap, eval_loss = series(rows, "healing/eval_gap"), series(rows, "eval/loss")
+    assert sorted(gap) == sorted(eval_loss) == [12, 24]
+    train = series(rows, "train/loss")
+    for s in (12, 24):  # eval_loss minus the mean of the last 5 logged train losses (the NaN step's is not one)
+        recent = [train[t] for t in range(s - 5, s + 1) if t in train and t != 12][-5:]
+        assert gap[s] == pytest.approx(eval_loss[s] - sum(recent) / len(recent), rel=1e-5)
 
 
 def test_same_step_axis_as_the_trainer(store):
@@ -107,6 +116,7 @@ def test_same_step_axis_as_the_trainer(store):
     trainer_rows = [(step, m) for step, m in rows if "train/loss" in m]
     assert len(trainer_rows) == 24
     assert all(step == m["train/global_step"] for step, m in trainer_rows)
+    assert sorted(step for step, m in rows if "eval/loss" in m) == [12, 24]  # evaluations too
     ours = series(rows, "healing/nan_count")
     assert set(ours) == {step for step, _ in trainer_rows}
 
