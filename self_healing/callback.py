@@ -36,6 +36,7 @@ from .postmortem import PostmortemRecorder
 from .snapshot import SnapshotRing, state_report, unwrap_optimizer
 from .monitors import monitors_for
 from .tracking import make_tracker
+from .journal import make_journal_callback
 from .zclip import ZClip, load_from_trainer_state, save_to_trainer_state, scale_gradients
 
 logger = logging.getLogger("self_healing")
@@ -88,6 +89,8 @@ class SelfHealingCallback(TrainerCallback):
         `on_evaluate(step, metrics)` returning a list of `Diagnosis` to act on."""
         self.tracker: Any = None
         """The trackio tracker when the Trainer reports to trackio (`self_healing.tracking`)."""
+        self.journal: Any = None
+        """The crash journal (`self_healing.journal`), an observer and a Trainer callback."""
 
     # ------------------------------------------------------------------------------------------
     # wiring
@@ -114,6 +117,10 @@ class SelfHealingCallback(TrainerCallback):
         if self.tracker is not None:
             self.observers.append(self.tracker)
             trainer.add_callback(self.tracker)  # after TrackioCallback: its hooks align the step axis
+        # the crash journal: every decision on disk as it happens (self_healing.journal)
+        self.journal = make_journal_callback(self)
+        self.observers.append(self.journal)
+        trainer.add_callback(self.journal)
         return self
 
     def detach(self) -> None:
@@ -126,6 +133,8 @@ class SelfHealingCallback(TrainerCallback):
         self.trainer.remove_callback(self)
         if self.tracker is not None:
             self.trainer.remove_callback(self.tracker)
+        if self.journal is not None:
+            self.trainer.remove_callback(self.journal)
 
     def _wrap(self, name: str, factory) -> None:
         t = self.trainer
@@ -438,6 +447,7 @@ class SelfHealingCallback(TrainerCallback):
     def _capture(self, step: int, report: StateReport):
         snap = self.ring.capture(self.model, self.optimizer, self.scheduler, step, self._extra_state(), report)
         self.recorder.counters["snapshots"] += 1
+        self._notify("on_snapshot", step, snap)
         if self.config.snapshot_every_steps == "auto":
             self._tune_snapshot_interval(snap.copy_seconds)
         return snap

@@ -15,10 +15,36 @@ from pathlib import Path
 from typing import Any, Mapping
 
 PRESET_NAMES = ("default", "aggressive", "conservative")
+_MAX_PRESET_BYTES = 1 << 20
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+_INT_MAX = 10 ** 9
+"""No integer field needs more (steps, counts, sizes); larger ones would overflow C sizes deep inside."""
+
+
+def _isfinite(v: Any) -> bool:
+    try:
+        return math.isfinite(v)
+    except (OverflowError, TypeError):  # an int too large for a float is not a usable setting
+        return False
+
+
+def _short_repr(v: Any) -> str:
+    """repr of a value for an error message: bounded in size and depth (a YAML alias bomb, a
+    5000-digit integer or a megabyte string must not become the message)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlong, r.maxlevel = 60, 60, 40, 3
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 6
+    try:
+        return r.repr(v)
+    except Exception:  # noqa: BLE001 - e.g. an int past the str-conversion limit
+        return f"<{type(v).__name__}>"
 
 
 def _is_number(v: Any) -> bool:
@@ -143,16 +169,17 @@ class HealingConfig:
         def need(cond: bool, name: str, accepted: str) -> None:
             if not cond:
                 problems.append(
-                    f"HealingConfig.{name}={getattr(self, name)!r} is not accepted: expected {accepted}"
+                    f"HealingConfig.{name}={_short_repr(getattr(self, name))} is not accepted: expected {accepted}"
                 )
 
-        def int_at_least(name: str, lo: int) -> None:
+        def int_at_least(name: str, lo: int, hi: int = _INT_MAX) -> None:
             v = getattr(self, name)
-            need(_is_int(v) and v >= lo, name, f"an integer >= {lo}")
+            need(_is_int(v) and lo <= v <= hi, name, f"an integer >= {lo}" + (f" and <= {hi}" if _is_int(v) and v > hi
+                                                                              else ""))
 
         def num_in(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
             v = getattr(self, name)
-            ok = _is_number(v) and math.isfinite(v)
+            ok = _is_number(v) and _isfinite(v)
             if ok:
                 ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
             lb = "(" if lo_open else "["
@@ -208,8 +235,11 @@ class HealingConfig:
         num_in("api_backoff_max_seconds", 0.0, 86400.0)
         int_at_least("max_api_retries", 0)
         int_at_least("max_skipped_batches", 0)
-        need(self.postmortem_path is None or isinstance(self.postmortem_path, str), "postmortem_path", "a path string or null")
-        int_at_least("history_size", 1)
+
+        need(self.postmortem_path is None or (isinstance(self.postmortem_path, str) and "\0" not in self.postmortem_path
+                                              and len(self.postmortem_path) < 4096),
+             "postmortem_path", "a path string or null")
+        int_at_least("history_size", 1, 10_000)
         return problems
 
     # ------------------------------------------------------------------------------------------
@@ -280,6 +310,9 @@ class HealingConfig:
         if path.suffix in (".yaml", ".yml") or path.exists():
             if not path.is_file():
                 raise ValueError(f"preset file {str(path)!r} does not exist")
+            if path.stat().st_size > _MAX_PRESET_BYTES:
+                raise ValueError(f"preset file {str(path)!r} is {path.stat().st_size} bytes: a preset is a few "
+                                 f"kilobytes (at most {_MAX_PRESET_BYTES} accepted)")
             return cls.from_yaml_text(path.read_bytes(), source=str(path))
         if str(name_or_path) not in PRESET_NAMES:
             raise ValueError(
@@ -306,10 +339,12 @@ class HealingConfig:
                 text = text.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        try:
-            data = yaml.safe_load(text)
+        try:  # libyaml's parser when there is one: it refuses absurd nesting at once (pure PyYAML recurses)
+            data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except yaml.YAMLError as e:
             raise ValueError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except RecursionError:
+            raise ValueError(f"{source} is nested too deeply to be a preset") from None
         return {} if data is None else data
 
     def to_yaml(self) -> str:

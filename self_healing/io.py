@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -26,14 +27,55 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # make the rename itself durable
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """fsync a directory, so the renames and creations in it survive a power loss (best effort)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
         pass
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory under `root` (before renaming a freshly written checkpoint
+    into place: a rename of a directory whose files are still only in the page cache could
+    survive a power loss with empty files)."""
+    root = Path(root)
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+        fsync_dir(dirpath)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[str]:
+    """Delete the temp files a killed `atomic_write_bytes(path, ...)` left next to `path` (the
+    writer died between creating its temp file and renaming it). Call only when no other process
+    is writing `path`."""
+    path = Path(path)
+    removed = []
+    try:
+        for p in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
+            try:
+                p.unlink()
+                removed.append(str(p))
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

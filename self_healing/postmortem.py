@@ -202,15 +202,110 @@ def load_postmortem(path: str | Path) -> dict[str, Any]:
         p = p / "postmortem.json"
     if not p.is_file():
         raise ValueError(f"no postmortem at {str(p)!r}")
+    size = p.stat().st_size
+    if size > MAX_POSTMORTEM_BYTES:
+        raise ValueError(f"{str(p)!r} is {size} bytes: not a postmortem (they stay under 1 MB)")
     try:
         data = json.loads(p.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise ValueError(f"{str(p)!r} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(p)!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting deeper than Python recurses
+        raise ValueError(f"{str(p)!r} is not a usable JSON document ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(data, dict) or "exit_reason" not in data:
         raise ValueError(f"{str(p)!r} is not a postmortem (no 'exit_reason' field)")
+    problem = postmortem_problem(data)
+    if problem:
+        raise ValueError(f"{str(p)!r} is not a valid postmortem: {problem}")
     return data
+
+
+MAX_POSTMORTEM_BYTES = 64 << 20
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_int_(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or v in ("nan", "inf", "-inf")
+
+
+def _list_of(check):
+    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+
+
+def _is_row(v: Any) -> bool:
+    return isinstance(v, list) and len(v) >= 1 and _is_int_(v[0])
+
+
+_PM_FIELDS: dict[str, tuple[Any, str]] = {
+    "exit_reason": (_is_str, "a string"),
+    "exception_type": (_opt(_is_str), "a string or null"),
+    "exception_message": (_opt(_is_str), "a string or null"),
+    "traceback": (_opt(_list_of(_is_str)), "a list of strings or null"),
+    "last_step": (_opt(_is_int_), "an integer or null"),
+    "max_steps": (_opt(_is_int_), "an integer or null"),
+    "timestamp": (_opt(_is_str), "a string or null"),
+    "running_time_seconds": (_opt(_is_num), "a number or null"),
+    "trainer_class": (_opt(_is_str), "a string or null"),
+    "final_metrics": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
+    "recovery_actions": (_opt(lambda v: isinstance(v, list)), "a list of events or null"),
+    "recovery_actions_dropped": (_opt(_is_int_), "an integer or null"),
+    "event_counts": (_opt(lambda v: isinstance(v, dict) and all(_is_int_(x) for x in v.values())),
+                     "an object of integer counts or null"),
+    "counters": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
+    "skipped_batches": (_opt(lambda v: isinstance(v, list)), "a list or null"),
+    "curve": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
+    "config": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
+    "lr_scale": (_opt(_is_num), "a number or null"),
+    "give_up_reason": (_opt(_is_str), "a string or null"),
+    "diagnosis": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
+}
+_EVENT_FIELDS: dict[str, tuple[Any, str]] = {
+    "step": (_opt(_is_int_), "an integer or null"),
+    "failure": (_opt(_is_str), "a string or null"),
+    "diagnosis": (_opt(_is_str), "a string or null"),
+    "escalation": (_opt(_is_str), "a string or null"),
+    "actions": (_opt(_list_of(_is_str)), "a list of strings or null"),
+    "evidence": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
+    "details": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
+    "history": (_opt(_list_of(_is_row)), "a list of [step, loss, grad_norm] rows or null"),
+}
+
+
+def event_problem(ev: Any, where: str = "event") -> str | None:
+    """What is wrong with one recovery event, naming the field; None when it can be reported."""
+    if not isinstance(ev, dict):
+        return f"field {where!r} must be an object, got {type(ev).__name__}"
+    for name, (check, expected) in _EVENT_FIELDS.items():
+        if name in ev and not check(ev[name]):
+            return f"field '{where}.{name}' must be {expected}, got {type(ev[name]).__name__}"
+    return None
+
+
+def postmortem_problem(pm: dict[str, Any]) -> str | None:
+    """What is wrong with a would-be postmortem, naming the field; None when it can be reported."""
+    for name, (check, expected) in _PM_FIELDS.items():
+        if name in pm and not check(pm[name]):
+            return f"field {name!r} must be {expected}, got {type(pm[name]).__name__}"
+    for i, ev in enumerate(pm.get("recovery_actions") or []):
+        problem = event_problem(ev, f"recovery_actions[{i}]")
+        if problem:
+            return problem
+    curve = pm.get("curve") or {}
+    if "points" in curve and not _opt(_list_of(_is_row))(curve["points"]):
+        return "field 'curve.points' must be a list of [step, loss, grad_norm, lr] rows"
+    return None
 
 
 def _num(v: Any) -> str:

@@ -24,6 +24,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .redact import redact_text
+
 logger = logging.getLogger("self_healing")
 
 _ADVISORY = {"dpo_plateau", "reward_collapse", "overfitting", "kl_blowup"}
@@ -75,6 +77,7 @@ class TrackioTracker(TrainerCallback):
         if run is None:
             return
         lvl = getattr(self.trackio.AlertLevel, level)
+        title, text = redact_text(title), redact_text(text)  # no token in an alert (self_healing.redact)
         if step is not None and "step" in inspect.signature(run.alert).parameters:
             run.alert(title=title, text=text, level=lvl, step=step)
         else:

@@ -1,0 +1,219 @@
+"""Safe loading and atomic writes: what the plugin reads back is loaded the safe way only and
+verified before it is trusted (a truncated, tampered or non-finite file is refused with the reason
+and the previous good state is used); what it writes is written atomically, so a kill at any
+moment leaves the old file or the new one, never a torn one."""
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from self_healing import HealingConfig, SelfHealingTrainer
+from self_healing.checkpoints import latest_verified_checkpoint, verify_checkpoint
+from self_healing.faults import Fault, inject_faults
+from self_healing.journal import JOURNAL_NAME, read_journal
+from self_healing.postmortem import load_postmortem
+from self_healing.tiny import build_trainer, weights_finite
+
+SCRIPTS = Path(__file__).parent / "scripts"
+FAST = HealingConfig(snapshot_every_steps=5, api_backoff_seconds=0.001)
+
+
+# ------------------------------------------------------------------------------------------------
+# atomic writes under SIGKILL
+# ------------------------------------------------------------------------------------------------
+def _kill_at_random(mode: str, path: Path, rng: random.Random, before_ready: bool = False) -> None:
+    p = subprocess.Popen([sys.executable, str(SCRIPTS / "atomic_writer.py"), mode, str(path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if before_ready:  # anywhere from interpreter start-up to the middle of the first writes
+            time.sleep(rng.uniform(0.0, 0.4))
+        else:
+            assert p.stdout.readline().strip() == "READY", p.stderr.read()
+            time.sleep(rng.uniform(0.0, 0.15))
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+
+
+@pytest.mark.parametrize("mode,kills", [("bytes", 30), ("preset", 15), ("journal", 15)])
+def test_a_kill_at_any_moment_leaves_the_old_or_the_new_file(mode, kills, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("atomic_writer", SCRIPTS / "atomic_writer.py")
+    writer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(writer)
+    seed = int(os.environ.get("KILL_SEED", random.randrange(2 ** 31)))
+    rng = random.Random(seed)
+    path = tmp_path / {"journal": "healing-journal.jsonl", "preset": "file.yaml", "bytes": "file.bin"}[mode]
+    seen = set()
+    presets = {"default": HealingConfig.default(), "aggressive": HealingConfig.aggressive()}
+    for k in range(kills):
+        _kill_at_random(mode, path, rng, before_ready=(mode == "journal" and k % 2 == 1))
+        ctx = f"KILL_SEED={seed} kill {k}"
+        if mode == "bytes":
+            data = path.read_bytes()
+            assert data in (writer.A, writer.B), f"{ctx}: torn file of {len(data)} bytes"
+            seen.add(data[:1])
+        elif mode == "preset":
+            cfg = HealingConfig.from_preset(str(path))
+            name = next((n for n, c in presets.items() if c == cfg), None)
+            assert name is not None, f"{ctx}: a preset that is neither version"
+            seen.add(name)
+        else:
+            st = read_journal(path)
+            assert st is not None and st.header is not None, f"{ctx}: no readable journal"
+            assert st.bad_lines <= 1, f"{ctx}: {st.bad_lines} unreadable lines (only a torn last one may be)"
+            seen.add(st.compactions > 0)
+            prev = path.with_name("healing-journal.prev.jsonl")
+            if prev.exists():
+                assert read_journal(prev) is not None, ctx
+    # the kills did land on both versions (not always before the first rename)
+    assert len(seen) == 2, f"KILL_SEED={seed}: only saw {seen}"
+    from self_healing.io import remove_stale_temps
+
+    remove_stale_temps(path)
+    assert not list(tmp_path.glob(f".{path.name}.*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints: verified before trusted, loaded the safe way only
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real run that leaves checkpoint-5/10/15 and the plugin's own resume checkpoint (written
+    when it healed an OOM at step 12 by halving the batch)."""
+    out = tmp_path_factory.mktemp("safe") / "run"
+    tr = build_trainer("trainer", output_dir=str(out), max_steps=15, save_strategy="steps", save_steps=5)
+    inject_faults(tr, Fault("exception", step=12, times=1,
+                            exception=lambda: torch.OutOfMemoryError("CUDA out of memory")))
+    sh = SelfHealingTrainer(tr, FAST)
+    sh.train()
+    assert sh.exit_reason == "completed"
+    resume = sorted((out / "self-healing").glob("resume-step-*"))
+    assert [p.name for p in resume] == ["resume-step-11"]
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _truncate(f: Path, keep: float = 0.5) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_good_checkpoints_verify(trained):
+    for p in ["checkpoint-5", "checkpoint-10", "checkpoint-15", "self-healing/resume-step-11"]:
+        assert verify_checkpoint(trained / p) == (True, "ok"), p
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("truncate:model.safetensors", "model.safetensors cannot be read"),
+    ("truncate:optimizer.pt", "optimizer.pt cannot be loaded safely"),
+    ("truncate:scheduler.pt", "scheduler.pt cannot be loaded safely"),
+    ("truncate:rng_state.pth", "rng_state.pth cannot be loaded safely"),
+    ("truncate:trainer_state.json", "trainer_state.json is unreadable"),
+    ("nan:model.safetensors", "is not finite"),
+    ("nan:optimizer.pt", "in optimizer.pt is not finite"),
+    ("tamper:optimizer.pt", "optimizer.pt cannot be loaded safely"),
+    ("tamper:rng_state.pth", "rng_state.pth cannot be loaded safely"),
+    ("state:trainer_state.json", "no valid global_step"),
+])
+def test_a_damaged_checkpoint_is_refused_with_the_reason(trained, tmp_path, damage, reason):
+    how, name = damage.split(":")
+    ck = _copy(trained / "checkpoint-10", tmp_path / "checkpoint-10")
+    f = ck / name
+    marker = tmp_path / "pwned"
+    if how == "truncate":
+        _truncate(f)
+    elif how == "nan" and name.endswith(".safetensors"):
+        sd = load_file(str(f))
+        k = next(iter(sd))
+        sd[k].view(-1)[0] = float("nan")
+        save_file(sd, str(f), metadata={"format": "pt"})
+    elif how == "nan":
+        opt = torch.load(f, weights_only=True)
+        next(iter(opt["state"].values()))["exp_avg"].view(-1)[0] = float("inf")
+        torch.save(opt, f)
+    elif how == "tamper":  # a pickle that runs code when loaded the unsafe way
+
+        class Payload:
+            def __reduce__(self):
+                return (open, (str(marker), "w"))
+
+        torch.save({"state": {}, "param_groups": [], "x": Payload()}, f)
+    elif how == "state":
+        f.write_text(json.dumps({"global_step": "ten", "log_history": []}))
+    ok, why = verify_checkpoint(ck)
+    assert not ok and reason in why, why
+    assert not marker.exists(), "verifying ran the tampered file's code"
+    if how == "tamper":  # the payload is live: an unsafe load would have run it
+        torch.load(f, weights_only=False)
+        assert marker.exists()
+
+
+def test_a_truncated_plugin_snapshot_and_a_nan_checkpoint_are_refused_and_the_run_resumes_from_the_last_good_one(
+        trained, tmp_path, caplog):
+    out = _copy(trained, tmp_path / "run")
+    # the plugin's own on-disk snapshot (resume-step-11): cut in half, as a kill mid-write or a bad disk leaves it
+    _truncate(out / "self-healing" / "resume-step-11" / "model.safetensors")
+    # the newest Trainer checkpoint: a NaN in the weights
+    f = out / "checkpoint-15" / "model.safetensors"
+    sd = load_file(str(f))
+    sd[next(iter(sd))].view(-1)[0] = float("nan")
+    save_file(sd, str(f), metadata={"format": "pt"})
+    # the run that wrote them died (no postmortem, an unclosed journal): the next launch must resume
+    lines = (out / JOURNAL_NAME).read_bytes().splitlines(keepends=True)
+    (out / JOURNAL_NAME).write_bytes(b"".join(lines[:-1]))
+    (out / "postmortem.json").unlink()
+    ckpt, skipped = latest_verified_checkpoint(out)
+    assert ckpt.name == "checkpoint-10"
+    assert [(Path(s["path"]).name, s["reason"].split(" ")[0]) for s in skipped] == [
+        ("checkpoint-15", "tensor"), ("resume-step-11", "model.safetensors")]
+    caplog.set_level("WARNING", logger="self_healing")
+    tr = build_trainer("trainer", output_dir=str(out), max_steps=20)
+    sh = SelfHealingTrainer(tr, FAST)
+    sh.train()
+    pm = load_postmortem(out)
+    assert pm["exit_reason"] == "completed" and tr.state.global_step == 20 and weights_finite(tr.model)
+    assert pm["resumed"]["previous_exit_reason"] == "killed" and pm["resumed"]["previous_last_step"] == 15
+    assert pm["resumed"]["from"].endswith("checkpoint-10")
+    reasons = {Path(s["path"]).name: s["reason"] for s in pm["resumed"]["skipped"]}
+    assert "is not finite" in reasons["checkpoint-15"]
+    assert "model.safetensors cannot be read" in reasons["resume-step-11"]
+    assert "SafetensorError" in reasons["resume-step-11"]
+    assert "not resuming from" in caplog.text and "resume-step-11" in caplog.text
+    assert read_journal(out / JOURNAL_NAME).closed["exit_reason"] == "completed"
+
+
+def test_the_plugins_resume_checkpoint_is_fsynced_and_holds_no_hub_token(trained, tmp_path):
+    args = torch.load(trained / "self-healing" / "resume-step-11" / "training_args.bin", weights_only=False)
+    assert args.hub_token is None  # nothing planted here; test_redact plants one
+    assert not list((trained / "self-healing").glob(".tmp-*")), "a temp dir was left behind"
+
+
+def test_pickle_payloads_never_reach_the_plugins_own_readers(tmp_path):
+    """The journal and the postmortem are JSON; presets are YAML read with a safe loader."""
+    evil = pickle.dumps({"exit_reason": "completed"})
+    (tmp_path / "postmortem.json").write_bytes(evil)
+    with pytest.raises(ValueError, match="not"):
+        load_postmortem(tmp_path)
+    (tmp_path / JOURNAL_NAME).write_bytes(evil)
+    assert read_journal(tmp_path / JOURNAL_NAME) is None
+    (tmp_path / "p.yaml").write_text("nan_patience: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        HealingConfig.from_preset(str(tmp_path / "p.yaml"))
+    assert not (Path.cwd() / "pwned").exists()
