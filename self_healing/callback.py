@@ -121,6 +121,10 @@ class SelfHealingCallback(TrainerCallback):
         self.journal = make_journal_callback(self)
         self.observers.append(self.journal)
         trainer.add_callback(self.journal)
+        # opt-in early-warning signals (self_healing.early_warning): nothing is attached while off
+        from .early_warning import attach_early_warning
+
+        self.early_warning = attach_early_warning(self)
         return self
 
     def detach(self) -> None:
@@ -135,6 +139,8 @@ class SelfHealingCallback(TrainerCallback):
             self.trainer.remove_callback(self.tracker)
         if self.journal is not None:
             self.trainer.remove_callback(self.journal)
+        if getattr(self, "early_warning", None) is not None:
+            self.trainer.remove_callback(self.early_warning)
 
     def _wrap(self, name: str, factory) -> None:
         t = self.trainer

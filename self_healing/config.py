@@ -131,6 +131,48 @@ class HealingConfig:
     trackio_logging: bool = True
     """When the Trainer reports to trackio, log `healing/*`, `zclip/*` and alerts to its run."""
 
+    # --- early warning (self_healing.early_warning, self_healing.signals; README "Early warning") --
+    # Every signal here is opt-in: none is on in any preset until benchmarks/early_warning.py shows
+    # it beats the basic detectors above. While all are off nothing is attached and no step pays.
+    growth_forecast: bool = False
+    """Per-step growth rate of the grad norm, of the update norm (sampled weights) and of the loss:
+    a warning takes an early snapshot and tightens clipping, a failure (`instability_forecast`)
+    rolls back and cuts the LR before the loss explodes."""
+    oscillation_check: bool = False
+    """FFT of the recent loss and grad-norm window: a dominant period -> `oscillation`, LR cut."""
+    probe_every_steps: int = 0
+    """Every N steps, evaluate a fixed probe batch before and after the update; an update that
+    raises the probe loss beyond its calibrated bound is undone (`probe_regression`). 0 = off."""
+    curvature_every_steps: int = 0
+    """Every N steps, Hutchinson Hessian trace, top Hessian eigenvalue and SAM sharpness on the
+    probe batch, recorded in the postmortem (costly: see the README). 0 = off."""
+    early_warning_mode: str = "heal"
+    """"heal": act on the signals above; "observe": only record what they would have done."""
+    target_false_alarm_rate: float = 1e-4
+    """Healthy steps on which a failure signal may fire: thresholds are calibrated on the run's
+    own healthy history to this rate (1e-4: one step in 10,000) instead of a fixed factor."""
+    warning_false_alarm_rate: float = 1e-3
+    """The same for warnings (early snapshot, tighter clipping)."""
+    calibration_window: int = 1000
+    """Healthy scores kept per signal for calibration (a sliding window)."""
+    calibration_min_steps: int = 30
+    """Healthy scores a signal needs before it may fire."""
+    growth_ema: float = 0.8
+    """EMA decay of the per-step log growth rates (0.8: about 5 steps of memory)."""
+    oscillation_window: int = 64
+    """Steps of loss / grad norm in each FFT."""
+    probe_batch_size: int = 8
+    """Rows in the probe batch (the first evaluation batch, else the first training batch)."""
+    fisher_every_steps: int = 0
+    """Every N steps, fold the squared gradients into a diagonal Fisher EMA (one more copy of the
+    weights on their device). With it on, an `instability_forecast` rollback is Fisher-weighted
+    (important weights go back to the snapshot, the others keep their recent progress) and, for
+    `ewc_steps` steps after any rollback, an EWC pull towards the restored weights is added to the
+    gradient. 0 = off."""
+    ewc_steps: int = 20
+    ewc_strength: float = 0.5
+    """Norm of the EWC pull as a fraction of the gradient's norm."""
+
     # --- rollback targets ----------------------------------------------------------------------
     snapshot_every_steps: int | str = "auto"
     """Steps between in-memory snapshots; "auto" picks the interval from the measured copy time so
@@ -223,6 +265,21 @@ class HealingConfig:
         num_in("kl_spike_factor", 1.0, 1e12, lo_open=True)
         num_in("overfit_gap", 0.0, 1e12, lo_open=True)
         need(isinstance(self.trackio_logging, bool), "trackio_logging", "true or false")
+        need(isinstance(self.growth_forecast, bool), "growth_forecast", "true or false")
+        need(isinstance(self.oscillation_check, bool), "oscillation_check", "true or false")
+        int_at_least("probe_every_steps", 0)
+        int_at_least("curvature_every_steps", 0)
+        need(self.early_warning_mode in ("heal", "observe"), "early_warning_mode", "'heal' or 'observe'")
+        num_in("target_false_alarm_rate", 0.0, 0.5, lo_open=True)
+        num_in("warning_false_alarm_rate", 0.0, 0.5, lo_open=True)
+        int_at_least("calibration_window", 10)
+        int_at_least("calibration_min_steps", 5)
+        num_in("growth_ema", 0.0, 1.0, hi_open=True)
+        int_at_least("oscillation_window", 16)
+        int_at_least("probe_batch_size", 1)
+        int_at_least("fisher_every_steps", 0)
+        int_at_least("ewc_steps", 0)
+        num_in("ewc_strength", 0.0, 100.0)
         need(
             self.snapshot_every_steps == "auto" or (_is_int(self.snapshot_every_steps) and self.snapshot_every_steps >= 1),
             "snapshot_every_steps",

@@ -30,6 +30,10 @@ class FailureKind(str, Enum):
     REWARD_COLLAPSE = "reward_collapse"
     OVERFITTING = "overfitting"
     KL_BLOWUP = "kl_blowup"
+    # early warning (self_healing.early_warning)
+    INSTABILITY_FORECAST = "instability_forecast"
+    OSCILLATION = "oscillation"
+    PROBE_REGRESSION = "probe_regression"
     INTERRUPTED = "interrupted"
     UNKNOWN = "unknown"
 
@@ -97,6 +101,19 @@ REFERENCES: dict[FailureKind, list[str]] = {
     ],
     FailureKind.OVERFITTING: ["Prechelt, Early Stopping - But When? (1998): stop when validation loss departs from "
                               "training loss"],
+    # early warning (self_healing.early_warning)
+    FailureKind.INSTABILITY_FORECAST: [
+        "ARC (arc-training): act on the growth of the gradient and update norms before the loss explodes",
+        "Siffer et al., Anomaly Detection in Streams with Extreme Value Theory (KDD 2017): calibrated thresholds",
+    ],
+    FailureKind.OSCILLATION: [
+        "Cohen et al., Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability "
+        "(arXiv:2103.00065): an LR above the stability edge makes the loss oscillate",
+    ],
+    FailureKind.PROBE_REGRESSION: [
+        "Automatic Stability and Recovery for Neural Network Training: reject an update whose innovation "
+        "(the loss change on a fixed probe batch) is out of its calibrated bound",
+    ],
 }
 
 
@@ -165,6 +182,14 @@ def diagnose(detection: Detection, state: Detection | None = None) -> Diagnosis:
                      f"smoothed loss rose for {e.get('rising_steps')} steps to {_fmt(e.get('smoothed_loss'))} "
                      f"(best {_fmt(e.get('best_smoothed_loss'))}) by step {step}: the LR is too high for this phase; rolled back "
                      "and the LR reduced", e, [Action.ROLLBACK, Action.REDUCE_LR], step)
+    if sig == "instability_forecast":
+        lr = bool(e.get("lr_cause"))
+        return _make(FailureKind.INSTABILITY_FORECAST,
+                     f"{e.get('signal_name', 'growth rate')} grew {_fmt(e.get('score'))}/step by step {step}, above its "
+                     f"calibrated bound {_fmt(e.get('threshold'))} (target false-alarm rate {_fmt(e.get('target_rate'))}): "
+                     + ("the LR grew with it, so the update was skipped and the LR reduced" if lr else "rolled back")
+                     + " before the loss explodes", e, [Action.SKIP_STEP, Action.REDUCE_LR] if lr else [Action.ROLLBACK],
+                     step)
     if sig in ("weight_corruption", "optimizer_state_corruption"):
         return diagnose_state(detection)
     if sig == "exception":

@@ -21,6 +21,14 @@ weight_scale       every weight is multiplied before the forward                
 zero_exp_avg_sq    Adam's second moment (`exp_avg_sq`) is zeroed before the step     -
 lr_scale           the LR of every param group is multiplied for `duration` steps  3000
 exception          `exception()` is raised inside the training step                  -
+lr_ramp            the *scheduled* LR is multiplied by factor**k at the k-th step    1.1
+                   of the ramp (k <= `duration`), then held at factor**duration: a
+                   peak LR set too high, which the `lr_spike` test cannot see
+weight_drift       every weight is multiplied by `factor` before each forward, for   1.01
+                   `duration` steps (weights drifting by a small factor per step)
+noisy_data         from `step`, a fraction of the input tokens (and their labels) is  0.5
+                   replaced by random tokens, rising linearly to `factor` over
+                   `duration` steps and held there (a data stream that turns noisy)
 =================  ================================================================  ===========
 
 `param` picks the tensor for `nan_grad`/`nan_weight` (a substring of its name; default: the first
@@ -39,8 +47,11 @@ from transformers import TrainerCallback
 from .snapshot import unwrap_optimizer
 
 FAULT_KINDS = ("nan_loss", "inf_loss", "nan_grad", "grad_scale", "nan_weight", "weight_scale", "zero_exp_avg_sq",
-               "lr_scale", "exception")
-_DEFAULT_FACTOR = {"grad_scale": 1e8, "weight_scale": 300.0, "lr_scale": 3000.0}
+               "lr_scale", "exception", "lr_ramp", "weight_drift", "noisy_data")
+_DEFAULT_FACTOR = {"grad_scale": 1e8, "weight_scale": 300.0, "lr_scale": 3000.0,
+                   "lr_ramp": 1.1, "weight_drift": 1.01, "noisy_data": 0.5}
+_BUILD_UP = ("lr_ramp", "noisy_data")
+"""Faults that, once started, stay on after `duration` (the ramp ends, its level remains)."""
 
 
 @dataclass
@@ -69,7 +80,13 @@ class Fault:
             raise ValueError(f"Fault.factor={self.factor!r} is not accepted: expected a finite number")
 
     def active(self, step: int) -> bool:
+        if self.kind in _BUILD_UP:
+            return step >= self.step
         return self.step <= step < self.step + self.duration
+
+    def level(self, step: int) -> int:
+        """Steps into a build-up fault's ramp, capped at `duration` (0 before it starts)."""
+        return max(0, min(step - self.step + 1, self.duration))
 
 
 def _pick_param(model: torch.nn.Module, pattern: str | None) -> tuple[str, torch.nn.Parameter]:
@@ -115,6 +132,8 @@ class FaultInjector(TrainerCallback):
                 if f.when is None or f.when(trainer, inputs):
                     injector._fire(f)
                     raise f.exception()
+            for f in injector._active("noisy_data"):
+                inputs = injector._noisy(f, inputs)
             loss = orig_step(model, inputs, *args, **kwargs)
             for f in injector._active("nan_grad", "grad_scale"):
                 with torch.no_grad():
@@ -170,7 +189,71 @@ class FaultInjector(TrainerCallback):
                     for g in unwrap_optimizer(self.trainer.optimizer).param_groups:
                         g["lr"] = g["lr"] * f.factor
                     self._fire(f)
+                elif f.kind == "weight_drift":
+                    torch._foreach_mul_([p for n, p in self.trainer.model.named_parameters()
+                                         if p.requires_grad and (f.param is None or f.param in n)], f.factor)
+                    self._fire(f)
+                elif f.kind == "lr_ramp":
+                    self._ramp_lr(f, step)
         return control
+
+    def _ramp_lr(self, f: Fault, step: int) -> None:
+        """Make the scheduler itself ramp: its LambdaLR lambdas are wrapped once, so the ramped LR
+        is what the scheduler reports (and an LR cut through `base_lrs` still applies). A scheduler
+        without lambdas gets the ramp on the param groups only (then `lr_spike` can see it)."""
+        opt = unwrap_optimizer(self.trainer.optimizer)
+        sched = self.trainer.lr_scheduler
+        lambdas = getattr(sched, "lr_lambdas", None)
+        if isinstance(lambdas, list) and lambdas:
+            if getattr(f, "_wrapped", False):
+                if step < f.step + f.duration:  # recorded while it ramps, not for the rest of the run
+                    self._fire(f, lr=opt.param_groups[0]["lr"])
+                return
+            start, factor, duration = f.step, f.factor, f.duration
+
+            def ramped(fn):
+                # the LR of optimizer step s is lambda(s - 1)
+                return lambda epoch: fn(epoch) * factor ** max(0, min(epoch - start + 2, duration))
+
+            sched.lr_lambdas = [ramped(fn) for fn in lambdas]
+            f._wrapped = True
+            mult = factor ** f.level(step)
+            for g in opt.param_groups:  # this step's LR was set before the wrap
+                g["lr"] = g["lr"] * mult
+            if getattr(sched, "_last_lr", None) is not None:
+                sched._last_lr = [g["lr"] for g in opt.param_groups]
+        else:
+            base = getattr(f, "_base_lrs", None)
+            if base is None:
+                base = f._base_lrs = [g["lr"] for g in opt.param_groups]
+            for g, b in zip(opt.param_groups, base):
+                g["lr"] = b * f.factor ** f.level(step)
+        if step < f.step + f.duration:
+            self._fire(f, lr=opt.param_groups[0]["lr"])
+
+    def _noisy(self, f: Fault, inputs: Any) -> Any:
+        """A copy of the batch with a fraction of its tokens replaced by random ones (the same
+        positions in `labels`, where they are not masked)."""
+        if not hasattr(inputs, "keys") or not isinstance(inputs.get("input_ids"), torch.Tensor):
+            return inputs
+        frac = f.factor * f.level(self._current_step()) / f.duration
+        if frac <= 0:
+            return inputs
+        gen = getattr(f, "_generator", None)
+        if gen is None:
+            gen = f._generator = torch.Generator().manual_seed(1234 + f.step)
+        ids = inputs["input_ids"]
+        emb = self.trainer.model.get_input_embeddings() if hasattr(self.trainer.model, "get_input_embeddings") else None
+        vocab = getattr(emb, "num_embeddings", None) or int(ids.max()) + 1
+        hit = torch.rand(ids.shape, generator=gen) < frac
+        rand = torch.randint(0, vocab, ids.shape, generator=gen)
+        out = type(inputs)(inputs) if not hasattr(inputs, "data") else dict(inputs)
+        out["input_ids"] = torch.where(hit.to(ids.device), rand.to(ids.device), ids)
+        labels = inputs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.shape == ids.shape:
+            out["labels"] = torch.where(hit.to(labels.device) & (labels != -100), rand.to(labels.device), labels)
+        self._fire(f, fraction=round(frac, 4))
+        return out
 
 
 def inject_faults(trainer: Any, *faults: Fault) -> FaultInjector:

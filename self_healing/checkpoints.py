@@ -1,0 +1,239 @@
+"""Disk checkpoints the plugin can trust: verified before a resume, written from a good state
+after an exception, and never deleted in favour of a worse one.
+
+`resume_from_checkpoint=True` in transformers takes the highest-numbered `checkpoint-*` without
+checking that it is complete or finite; a preemption in the middle of a save leaves exactly such a
+directory. `latest_verified_checkpoint()` skips those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import fsync_dir, fsync_tree
+from .redact import redacted_copy
+
+logger = logging.getLogger("self_healing")
+
+PLUGIN_DIR = "self-healing"
+"""Where the plugin's own resume checkpoints live inside `output_dir`, apart from the user's."""
+_WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
+_STEP_RE = re.compile(r"(?:checkpoint|resume-step)-(\d+)$")
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    m = _STEP_RE.search(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def verify_checkpoint(path: str | os.PathLike, check_finite: bool = True) -> tuple[bool, str]:
+    """(ok, reason). Complete means trainer state, weights, optimizer and scheduler are all there
+    (the Trainer writes `trainer_state.json` last); finite means no NaN/Inf in the weights or the
+    optimizer state. Every file that a resume reads is opened the safe way only (safetensors, or
+    `torch.load(weights_only=True)`): a truncated or tampered file fails here, with the reason,
+    instead of in the middle of the Trainer's resume (or running a pickle's code)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False, "not a directory"
+    try:
+        ts = json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False, "no trainer_state.json (the save did not finish)"
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as e:
+        return False, f"trainer_state.json is unreadable ({e})"
+    gs = ts.get("global_step") if isinstance(ts, dict) else None
+    if not isinstance(gs, int) or isinstance(gs, bool) or gs < 0:
+        return False, "trainer_state.json has no valid global_step (tampered or not a Trainer checkpoint)"
+    weights = [p / f for f in _WEIGHT_FILES if (p / f).is_file()]
+    if not weights:
+        return False, "no model weights file"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (p / name).is_file():
+            return False, f"no {name}"
+    if check_finite:
+        bad = _nonfinite_tensor(weights[0], p)
+        if bad is not None:
+            return False, bad
+    for f in [p / "optimizer.pt", p / "scheduler.pt", p / "scaler.pt", *sorted(p.glob("rng_state*.pth"))]:
+        if f.is_file():
+            bad = _unsafe_or_nonfinite(f, check_finite=check_finite and f.name == "optimizer.pt")
+            if bad is not None:
+                return False, bad
+    return True, "ok"
+
+
+def _unsafe_or_nonfinite(f: Path, check_finite: bool) -> str | None:
+    """Load a `torch.save` file the way the Trainer will on resume (`weights_only=True`; numpy
+    RNG state allowed, as transformers allows it) and, when asked, check its tensors are finite."""
+    try:
+        ctx: Any = contextlib.nullcontext()
+        if f.name.startswith("rng_state"):
+            try:
+                from transformers.trainer_pt_utils import safe_globals
+
+                ctx = safe_globals()
+            except ImportError:
+                pass
+        with ctx:
+            try:
+                obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read safely means "not trusted"
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        return f"{f.name} cannot be loaded safely (weights_only=True): {type(e).__name__}: {msg}"
+    if check_finite:
+        for key, t in _tensors(obj, ""):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"tensor {key} in {f.name} is not finite"
+    return None
+
+
+def _tensors(obj: Any, prefix: str, depth: int = 0):
+    if depth > 20:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}[{k!r}]", depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]", depth + 1)
+
+
+def _nonfinite_tensor(weights: Path, directory: Path) -> str | None:
+    files: list[Path]
+    if weights.name.endswith(".index.json"):
+        try:
+            index = json.loads(weights.read_text())
+            files = sorted({directory / f for f in index.get("weight_map", {}).values()})
+        except (json.JSONDecodeError, OSError) as e:
+            return f"{weights.name} is unreadable ({e})"
+    else:
+        files = [weights]
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="pt") as st:
+                    for key in st.keys():
+                        t = st.get_tensor(key)
+                        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                            return f"tensor {key!r} in {f.name} is not finite"
+            else:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+                for key, t in sd.items():
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        return f"tensor {key!r} in {f.name} is not finite"
+        except Exception as e:  # noqa: BLE001 - any failure to read means "not trusted"
+            return f"{f.name} cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
+def candidate_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Every checkpoint the Trainer or the plugin wrote under `output_dir`, newest step first."""
+    out = Path(output_dir)
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir()]
+    found += [p for p in (out / PLUGIN_DIR).glob("resume-step-*") if p.is_dir()]
+    found = [p for p in found if checkpoint_step(p) is not None]
+    return sorted(found, key=lambda p: (checkpoint_step(p), p.parent.name != PLUGIN_DIR), reverse=True)
+
+
+def latest_verified_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[dict[str, Any]]]:
+    """The newest checkpoint that passes `verify_checkpoint`, and the ones skipped on the way."""
+    skipped: list[dict[str, Any]] = []
+    for p in candidate_checkpoints(output_dir):
+        ok, why = verify_checkpoint(p)
+        if ok:
+            return p, skipped
+        skipped.append({"path": str(p), "reason": why})
+        logger.warning("self-healing: not resuming from %s: %s", p, why)
+    return None, skipped
+
+
+def write_resume_checkpoint(trainer: Any, step: int, extra_state: dict[str, Any] | None = None) -> Path:
+    """Save the trainer's *current* in-memory state as a resumable checkpoint at `step`, in the
+    plugin's own directory, written to a temp dir and renamed so it is complete or absent. Every
+    rank calls it (each saves its own RNG state; sharded states need all ranks); the main process
+    alone creates, renames and prunes directories."""
+    from .distributed import barrier
+
+    main = bool(getattr(trainer.args, "should_save", True))
+    root = Path(trainer.args.output_dir) / PLUGIN_DIR
+    final = root / f"resume-step-{step}"
+    tmp = root / f".tmp-resume-step-{step}"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    barrier()
+    state = trainer.state
+    saved = (state.global_step, state.epoch, state.log_history)
+    try:
+        state.global_step = step
+        if extra_state:
+            for k, v in extra_state.items():
+                setattr(state, k, v)
+        state.log_history = [h for h in state.log_history if h.get("step", 0) <= step]
+        trainer.save_model(str(tmp), _internal_call=True)
+        trainer._save_optimizer_and_scheduler(str(tmp))
+        trainer._save_scaler(str(tmp))
+        trainer._save_rng_state(str(tmp))
+        if main:
+            if (tmp / "training_args.bin").is_file():  # the Trainer pickles its args whole, hub_token included
+                torch.save(redacted_copy(trainer.args), str(tmp / "training_args.bin"))
+            state.save_to_json(str(tmp / "trainer_state.json"))
+    finally:
+        state.global_step, state.epoch, state.log_history = saved
+    barrier()
+    if main:
+        fsync_tree(tmp)  # on disk before the rename makes it a checkpoint
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        prune_resume_checkpoints(trainer.args.output_dir, keep=final)
+    barrier()
+    return final
+
+
+def prune_resume_checkpoints(output_dir: str | os.PathLike, keep: Path) -> list[str]:
+    """Delete the plugin's older resume checkpoints once `keep` exists and verifies."""
+    removed: list[str] = []
+    if not verify_checkpoint(keep, check_finite=False)[0]:
+        return removed
+    for p in (Path(output_dir) / PLUGIN_DIR).glob("resume-step-*"):
+        if p.resolve() != keep.resolve():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+    return removed
+
+
+def free_disk_space(output_dir: str | os.PathLike, protect: Path | None = None) -> list[str]:
+    """After ENOSPC: remove half-written checkpoints and the plugin's own older resume
+    checkpoints; never the newest verified checkpoint or `protect`."""
+    removed: list[str] = []
+    newest_good, _ = latest_verified_checkpoint(output_dir)
+    keep = {p.resolve() for p in (newest_good, protect) if p is not None}
+    root = Path(output_dir)
+    for p in list(root.glob("checkpoint-*")) + list((root / PLUGIN_DIR).glob("*")):
+        if not p.is_dir() or p.resolve() in keep:
+            continue
+        ours = p.parent.name == PLUGIN_DIR
+        if ours or not verify_checkpoint(p, check_finite=False)[0]:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+    return removed
