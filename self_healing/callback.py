@@ -17,11 +17,15 @@ weights and its state untouched.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import random
+import signal
 import statistics
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,10 +34,12 @@ from transformers import TrainerCallback
 from .config import HealingConfig
 from .detectors import Detection, StateReport, StepMonitor, StepSignals, compare_state
 from .diagnosis import Action, Diagnosis, FailureKind, diagnose, diagnose_exception, diagnose_state
+from .distributed import (EXCEPTION_CODES, CODE_KINDS, RankFailure, agree_max, combine_losses, gather_rows,
+                          is_distributed, per_rank_view)
 from .healing import (HealingPolicy, restore_scheduled_lr, scale_lr, scheduled_lrs, skip_update,
                       tighten_clipping)
 from .postmortem import PostmortemRecorder
-from .snapshot import SnapshotRing, state_report, unwrap_optimizer
+from .snapshot import SnapshotError, SnapshotRing, state_report, unwrap_optimizer
 from .monitors import monitors_for
 from .tracking import make_tracker
 from .journal import make_journal_callback
@@ -42,7 +48,7 @@ from .zclip import ZClip, load_from_trainer_state, save_to_trainer_state, scale_
 logger = logging.getLogger("self_healing")
 
 _POLICY_LOSS_TRAINERS = ("GRPOTrainer", "RLOOTrainer")
-_IN_LOOP_FAILURES = {FailureKind.NAN_LOSS}
+_IN_LOOP_FAILURES = {FailureKind.NAN_LOSS, FailureKind.DATA_ERROR}
 
 
 def trainer_kind(trainer: Any) -> str:
@@ -53,6 +59,92 @@ def trainer_kind(trainer: Any) -> str:
         if cls.__name__ in known:
             return cls.__name__
     return type(trainer).__name__
+
+
+def free_memory(model: Any = None) -> None:
+    """After an OOM: drop this step's gradients, collect garbage, empty the device cache."""
+    if model is not None:
+        for p in model.parameters():
+            p.grad = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if hasattr(torch, "mps") and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+def _first_row(inputs: Any) -> Any:
+    """The first example of a batch (dict of tensors, or a list of rows), for a minimal step."""
+    if isinstance(inputs, list):
+        return inputs[:1]
+    if hasattr(inputs, "items"):
+        sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        n = max(sizes) if sizes else None
+        return type(inputs)({k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+                             for k, v in inputs.items()}) if not hasattr(inputs, "data") else \
+            {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+             for k, v in inputs.items()}
+    return inputs
+
+
+def _batch_indices(inputs: Any) -> list[int] | None:
+    """Dataset indices of a batch when the collator kept them (an `idx`/`index` column)."""
+    if isinstance(inputs, dict):
+        for key in ("idx", "index", "indices", "sample_idx"):
+            v = inputs.get(key)
+            if isinstance(v, torch.Tensor):
+                return [int(x) for x in v.flatten().tolist()][:256]
+            if isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v):
+                return list(v)[:256]
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict):
+        idx = [row.get("idx", row.get("index")) for row in inputs]
+        if all(isinstance(x, int) for x in idx):
+            return idx[:256]
+    return None
+
+
+class SkippedBatch:
+    """What a guarded collator returns instead of raising: an exception escaping the data loader's
+    generator would end the epoch for good, so the failure travels as a value to the step loop."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exception_type = type(exc).__name__
+        self.message = str(exc)[:500]
+        self.exception = exc if _picklable(exc) else RuntimeError(f"{self.exception_type}: {self.message}")
+
+
+def _picklable(obj: Any) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class GuardedCollator:
+    """Wraps the Trainer's collator (picklable, for worker processes): a data error becomes a
+    `SkippedBatch`; anything else propagates."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+        self.passthrough = False
+
+    def __call__(self, features: Any) -> Any:
+        if self.passthrough:
+            return self.collate(features)
+        try:
+            return self.collate(features)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if diagnose_exception(exc).failure == FailureKind.DATA_ERROR:
+                return SkippedBatch(exc)
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # tokenizer, pad_token_id, ... of the wrapped collator
+        if name == "collate":
+            raise AttributeError(name)
+        return getattr(self.collate, name)
 
 
 class SelfHealingCallback(TrainerCallback):
@@ -75,12 +167,23 @@ class SelfHealingCallback(TrainerCallback):
         self._step_loss: torch.Tensor | None = None
         self._grad_norm: Any = None
         self._step_exception: BaseException | None = None
+        self._step_exception_kind = 0
+        self._rank_rows: list[list[float]] | None = None
+        self._agreed_preempt = 0
         self._step_flagged = False
         self._last_step_end: float | None = None
         self._step_times: deque[float] = deque(maxlen=50)
         self._orig_base_lrs: list[float] | None = None
         self._wrapped: dict[str, Any] = {}
         self.zclip = None
+        self.passthrough = False
+        """While True (during `dry_run`), the wrappers only call through: failures must surface."""
+        self.phase = "train"
+        """What the Trainer is doing: "train", "eval" or "save" (an OOM in eval must not shrink the
+        training batch)."""
+        self.exception_phase: str | None = None
+        self.preempt_signal: int | None = None
+        self.preempted_at: int | None = None
         self.observers: list[Any] = []
         """Objects told about every step and decision (trackio, the crash journal...): optional
         methods `on_step(step, signals, info)`, `on_event(event)`, `on_finish(postmortem)`."""
@@ -100,16 +203,24 @@ class SelfHealingCallback(TrainerCallback):
             raise RuntimeError("this SelfHealingCallback is already attached to a trainer")
         self.trainer = trainer
         self.orchestrated = orchestrated
+        if getattr(trainer.args, "process_index", 0) != 0:
+            logger.setLevel(logging.ERROR)  # one voice: the main process logs, the others only errors
         kind = trainer_kind(trainer)
         self.monitor = StepMonitor(self.config, loss_signals=kind not in _POLICY_LOSS_TRAINERS)
         self._wrap("training_step", self._make_training_step)
         if hasattr(trainer, "_get_grad_norm"):
             self._wrap("_get_grad_norm", self._make_get_grad_norm)
+        if hasattr(trainer, "get_batch_samples") and hasattr(trainer, "_get_num_items_in_batch"):
+            self._wrap("get_batch_samples", self._make_get_batch_samples)
+        self._wrap("evaluate", self._make_phase("eval"))
+        if hasattr(trainer, "_save_checkpoint"):
+            self._wrap("_save_checkpoint", self._make_phase("save"))
         if self.config.zclip_enabled:
             self.zclip = ZClip.from_config(self.config)
             cap = float(getattr(trainer.args, "max_grad_norm", 0) or 0)
             self.zclip.warmup_max_norm = cap if cap > 0 else None
             self._wrap("_clip_grad_norm", self._make_clip_grad_norm)
+        self.guard_collator()
         trainer.add_callback(self)
         # trainer-aware monitors (chosen by the trainer's type) and the trackio dashboard
         self.monitors.extend(monitors_for(kind, self.config, trainer.args))
@@ -126,6 +237,18 @@ class SelfHealingCallback(TrainerCallback):
 
         self.early_warning = attach_early_warning(self)
         return self
+
+    def guard_collator(self) -> None:
+        """(Re)install the collator guard; called again before each `train()` in case the user
+        replaced `trainer.data_collator`."""
+        c = getattr(self.trainer, "data_collator", None)
+        if c is not None and not isinstance(c, GuardedCollator):
+            self.trainer.data_collator = GuardedCollator(c)
+
+    def set_passthrough(self, on: bool) -> None:
+        self.passthrough = on
+        if isinstance(getattr(self.trainer, "data_collator", None), GuardedCollator):
+            self.trainer.data_collator.passthrough = on
 
     def detach(self) -> None:
         for name, orig in self._wrapped.items():
@@ -149,19 +272,117 @@ class SelfHealingCallback(TrainerCallback):
 
     def _make_training_step(self, orig):
         def training_step(model, inputs, num_items_in_batch=None, *args, **kwargs):
-            try:
-                loss = orig(model, inputs, num_items_in_batch, *args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - classified below; anything else propagates
-                if not self._heal_in_loop(exc):
-                    raise
-                self._step_exception = exc
-                return torch.zeros((), device=self.trainer.args.device)
+            if self.passthrough:
+                return orig(model, inputs, num_items_in_batch, *args, **kwargs)
+            retries = 0
+            while True:
+                try:
+                    loss = orig(model, inputs, num_items_in_batch, *args, **kwargs)
+                    break
+                except Exception as exc:  # noqa: BLE001 - classified below; anything else propagates
+                    d = diagnose_exception(exc, step=self.trainer.state.global_step + 1)
+                    if d.failure == FailureKind.API_ERROR and retries < self.config.max_api_retries:
+                        retries += 1  # a reward model behind an API, a streamed shard: wait and retry
+                        self._backoff(retries, d)
+                        continue
+                    if d.failure == FailureKind.OOM:
+                        free_memory(self.model)
+                    distributed = is_distributed()
+                    if d.failure not in _IN_LOOP_FAILURES and not (distributed and d.failure == FailureKind.OOM):
+                        raise
+                    self._step_exception = exc
+                    self._step_exception_kind = max(self._step_exception_kind, EXCEPTION_CODES.get(d.failure, 0))
+                    if d.failure == FailureKind.DATA_ERROR:
+                        self._note_skipped_batch(exc, "forward", inputs)
+                    if distributed:
+                        self._join_gradient_sync(orig, model, inputs, num_items_in_batch, exc)
+                    return torch.zeros((), device=self.trainer.args.device)
             if isinstance(loss, torch.Tensor):
                 l = loss.detach()
                 self._step_loss = l if self._step_loss is None else self._step_loss + l
             return loss
 
         return training_step
+
+    def _make_get_batch_samples(self, orig):
+        def get_batch_samples(epoch_iterator, num_batches, *args, **kwargs):
+            """The Trainer's own fetch loop, plus: a batch whose collation failed (a `SkippedBatch`
+            from the guarded collator) is recorded and the next one taken in its place."""
+            if self.passthrough:
+                return orig(epoch_iterator, num_batches, *args, **kwargs)
+            batches: list[Any] = []
+            while len(batches) < num_batches:
+                try:
+                    batch = next(epoch_iterator)
+                except StopIteration:
+                    break  # end of epoch
+                if isinstance(batch, SkippedBatch):
+                    exc = batch.exception
+                    d = diagnose_exception(exc, step=self.trainer.state.global_step + 1)
+                    plan = self.policy.plan(d, self.trainer.state.global_step + 1)
+                    self._note_skipped_batch(exc, "collate", None)
+                    event = self.recorder.record(self.trainer.state.global_step + 1, d,
+                                                 [a.value for a in plan.actions], {}, plan.reason)
+                    self._notify("on_event", event)
+                    if Action.GIVE_UP in plan.actions:
+                        raise
+                    logger.warning("self-healing: step %s: %s -> skip_batch", self.trainer.state.global_step + 1,
+                                   d.summary)
+                    continue
+                batches.append(batch)
+            device = args[0] if args else kwargs.get("device", self.trainer.args.device)
+            return batches, self.trainer._get_num_items_in_batch(batches, device)
+
+        return get_batch_samples
+
+    def _make_phase(self, phase: str):
+        def factory(orig):
+            def wrapped(*args, **kwargs):
+                before, self.phase = self.phase, phase
+                try:
+                    return orig(*args, **kwargs)
+                except BaseException:
+                    if self.exception_phase is None:  # the innermost phase is where it failed
+                        self.exception_phase = phase
+                    raise
+                finally:
+                    self.phase = before
+
+            return wrapped
+
+        return factory
+
+    def _backoff(self, attempt: int, d: Diagnosis) -> float:
+        """Exponential backoff from `api_backoff_seconds`, doubling, capped, with full jitter."""
+        base = self.config.api_backoff_seconds * (2 ** (attempt - 1))
+        delay = min(base, self.config.api_backoff_max_seconds) * (0.5 + random.random() / 2)
+        logger.warning("self-healing: %s; retry %s/%s in %.2fs", d.summary, attempt, self.config.max_api_retries, delay)
+        self.recorder.counters["api_retries"] = self.recorder.counters.get("api_retries", 0) + 1
+        time.sleep(delay)
+        return delay
+
+    def _note_skipped_batch(self, exc: BaseException, where: str, inputs: Any) -> None:
+        entry: dict[str, Any] = {"step": self.trainer.state.global_step + 1, "where": where,
+                                 "exception_type": type(exc).__name__, "error": str(exc)[:300]}
+        indices = _batch_indices(inputs)
+        if indices is not None:
+            entry["indices"] = indices
+        self.recorder.skipped_batches.append(entry)
+        if len(self.recorder.skipped_batches) > 1000:  # bounded: keep the first and the latest
+            del self.recorder.skipped_batches[500]
+
+    def _join_gradient_sync(self, orig: Any, model: Any, inputs: Any, num_items: Any, exc: BaseException) -> None:
+        """This rank's step failed; the other ranks are (or will be) inside the same step's
+        collectives: DDP's gradient all-reduce, and whatever the trainer gathers in its loss
+        (TRL's token counts and metrics). Run the trainer's own step once more on a single row, so
+        this rank issues the same collectives and nobody hangs; the agreed decision then drops the
+        step on every rank. If even that fails, the collective timeout (`ddp_timeout`) ends the
+        ranks and the launcher's restart plus auto-resume take over."""
+        try:
+            free_memory(model)
+            orig(model, _first_row(inputs), num_items)
+        except Exception as e:  # noqa: BLE001 - nothing more can be done on this rank
+            raise RuntimeError(f"rank could not join the step's collectives after {type(exc).__name__}: {e}") from exc
 
     def _make_get_grad_norm(self, orig):
         def _get_grad_norm(model, grad_norm=None, *args, **kwargs):
@@ -249,6 +470,9 @@ class SelfHealingCallback(TrainerCallback):
                 return control
             detections = [trend]
         self._step_flagged = True
+        if isinstance(signals.exception, RankFailure) and signals.exception.failure == FailureKind.OOM:
+            skip_update(self.model)  # every rank leaves the loop together; the orchestrator shrinks the batch
+            raise signals.exception
         self._handle(detections, step, control, before_update=True, exception=signals.exception)
         info["skipped"] = True
         self._notify("on_step", step, signals, info)
@@ -264,14 +488,15 @@ class SelfHealingCallback(TrainerCallback):
         if self.gave_up:
             return control
         step = state.global_step
+        if self._agreed_preempt and self.preempted_at is None:
+            self._preempt(step, control)
         if not self._step_flagged:
             self.ring.mark_healthy_step()
             self.policy.healthy_step()
         check_due = step % self.config.integrity_check_every_steps == 0
         snap_due = step % self.snapshot_interval == 0
         if check_due or snap_due:
-            report = state_report(self.model, self.optimizer, step)
-            bad = compare_state(report, self._ref_report, self.config.weight_growth_factor)
+            report, bad = self._check_state(step)
             if bad is not None:
                 self._handle([bad], step, control, before_update=False)
             else:
@@ -308,30 +533,82 @@ class SelfHealingCallback(TrainerCallback):
         self._step_loss = None
         self._grad_norm = None
         self._step_exception = None
+        self._step_exception_kind = 0
         self._step_flagged = False
 
     def _signals(self, step: int) -> StepSignals:
-        parts: list[torch.Tensor] = []
         loss_t, gn = self._step_loss, self._grad_norm
-        if isinstance(loss_t, torch.Tensor):
-            parts.append(loss_t.float().reshape(()))
-        if isinstance(gn, torch.Tensor):
-            parts.append(gn.detach().float().reshape(()).to(parts[0].device if parts else gn.device))
-        values = torch.stack(parts).tolist() if parts else []  # the one host sync of the step
-        loss = values.pop(0) if isinstance(loss_t, torch.Tensor) else float("nan") if self._step_exception is None else 0.0
-        if isinstance(gn, torch.Tensor):
-            grad_norm = values.pop(0)
-        elif isinstance(gn, (int, float)):
-            grad_norm = float(gn)
+        exception = self._step_exception
+        if is_distributed():
+            loss, grad_norm, exception = self._gathered_signals(loss_t, gn)
         else:
-            grad_norm = None
+            parts: list[torch.Tensor] = []
+            if isinstance(loss_t, torch.Tensor):
+                parts.append(loss_t.float().reshape(()))
+            if isinstance(gn, torch.Tensor):
+                parts.append(gn.detach().float().reshape(()).to(parts[0].device if parts else gn.device))
+            values = torch.stack(parts).tolist() if parts else []  # the one host sync of the step
+            loss = values.pop(0) if isinstance(loss_t, torch.Tensor) else float("nan") if exception is None else 0.0
+            if isinstance(gn, torch.Tensor):
+                grad_norm = values.pop(0)
+            elif isinstance(gn, (int, float)):
+                grad_norm = float(gn)
+            else:
+                grad_norm = None
+            self._agreed_preempt = self.preempt_signal or 0
         opt = unwrap_optimizer(self.optimizer)
         return StepSignals(step=step, loss=loss, grad_norm=grad_norm, lrs=[g["lr"] for g in opt.param_groups],
-                           scheduled_lrs=scheduled_lrs(self.optimizer, self.scheduler), exception=self._step_exception)
+                           scheduled_lrs=scheduled_lrs(self.optimizer, self.scheduler), exception=exception)
+
+    def _gathered_signals(self, loss_t: Any, gn: Any) -> tuple[float, float | None, BaseException | None]:
+        """Every rank's (loss, grad norm, exception code, preemption signal) in one all_gather,
+        which is also the step's one host sync; every rank then decides from the same rows."""
+        dev = loss_t.device if isinstance(loss_t, torch.Tensor) else torch.device(self.trainer.args.device)
+        nan = torch.tensor(float("nan"), device=dev)
+        loss_v = loss_t.float().reshape(()) if isinstance(loss_t, torch.Tensor) else (
+            torch.zeros((), device=dev) if self._step_exception is not None else nan)
+        if isinstance(gn, torch.Tensor):
+            gn_v = gn.detach().float().reshape(()).to(dev)
+        else:
+            gn_v = torch.tensor(float(gn) if isinstance(gn, (int, float)) else float("nan"), device=dev)
+        meta = torch.tensor([float(self._step_exception_kind), float(self.preempt_signal or 0)], device=dev)
+        rows = gather_rows(torch.cat([loss_v.reshape(1), gn_v.reshape(1), meta])).tolist()
+        self._rank_rows = rows
+        self._agreed_preempt = max(int(r[3]) for r in rows)
+        if self._agreed_preempt and self.preempt_signal is None:
+            self.preempt_signal = self._agreed_preempt
+        norms = [r[1] for r in rows if not math.isnan(r[1])]
+        grad_norm = max(norms) if norms else (None if gn is None else float("nan"))
+        codes = [int(r[2]) for r in rows]
+        exception = None
+        if any(codes):
+            worst = max(codes)
+            ranks = [i for i, c in enumerate(codes) if c == worst]
+            local = self._step_exception if self._step_exception_kind == worst else None
+            exception = RankFailure(CODE_KINDS[worst], ranks, str(local)[:200] if local else "")
+            if local is not None:
+                exception.__cause__ = local
+        return combine_losses(rows), grad_norm, exception
 
     def _inspect(self, step: int) -> Detection | None:
+        return self._check_state(step)[1]
+
+    def _check_state(self, step: int) -> tuple[StateReport, Detection | None]:
+        """This rank's state report, and the first rank's verdict that is bad (one gather when
+        distributed, so a corruption on any rank is seen by all)."""
         report = state_report(self.model, self.optimizer, step)
-        return compare_state(report, self._ref_report, self.config.weight_growth_factor)
+        if not is_distributed():
+            return report, compare_state(report, self._ref_report, self.config.weight_growth_factor)
+        keys = sorted(report.optimizer_norms)
+        vec = torch.tensor([report.weight_norm] + [report.optimizer_norms[k] for k in keys], dtype=torch.float32,
+                           device=self.trainer.args.device)
+        for r, row in enumerate(gather_rows(vec).tolist()):
+            rep = StateReport(row[0], dict(zip(keys, row[1:])), report.beta2, step)
+            bad = compare_state(rep, self._ref_report, self.config.weight_growth_factor)
+            if bad is not None:
+                bad.evidence["rank"] = r
+                return report, bad
+        return report, None
 
     def _handle(self, detections: list[Detection], step: int, control, before_update: bool,
                 exception: BaseException | None = None) -> None:
@@ -346,9 +623,17 @@ class SelfHealingCallback(TrainerCallback):
                 diag = diagnose(det, state)
         if len(detections) > 1:
             diag.evidence["also_fired"] = [d.signal for d in detections[1:]]
+        if self._rank_rows is not None and is_distributed():
+            diag.evidence["per_rank"] = per_rank_view(self._rank_rows)
+            if isinstance(exception, RankFailure) and exception.failure == FailureKind.DATA_ERROR \
+                    and self._step_exception_kind == 0:  # the bad batch was another rank's: record it here too
+                self._note_skipped_batch(exception, f"forward on rank(s) {exception.ranks}", None)
         if diag.failure in (FailureKind.NAN_LOSS, FailureKind.NONFINITE_GRADIENT):
             self.recorder.counters["nan_count"] += 1
         plan = self.policy.plan(diag, step, can_rollback=self.ring.latest_verified() is not None)
+        if plan.reason and plan.actions != diag.actions:  # escalated: the summary must say what was done
+            head = diag.summary.rsplit(": ", 1)[0]
+            diag.summary = f"{head}: {plan.reason} -> {', '.join(a.value for a in plan.actions)}"
         details: dict[str, Any] = {}
         if before_update:
             skip_update(self.model)  # whatever the plan, this step's gradients are not trusted
@@ -376,6 +661,19 @@ class SelfHealingCallback(TrainerCallback):
         logger.log(level, "self-healing: step %s: %s -> %s%s", step, diag.summary,
                    ", ".join(a.value for a in plan.actions), f" ({plan.reason})" if plan.reason else "")
 
+    def _preempt(self, step: int, control) -> None:
+        """The step is done: ask the Trainer to checkpoint now and stop (it saves whatever its
+        save_strategy, "no" included)."""
+        self.preempted_at = step
+        control.should_save = True
+        control.should_training_stop = True
+        name = signal.Signals(self._agreed_preempt or self.preempt_signal).name
+        diag = Diagnosis(FailureKind.INTERRUPTED, f"{name} received: finished step {step}, checkpointing and exiting "
+                         "(run the same command again to resume)", {"signal": name}, [Action.CHECKPOINT], step)
+        event = self.recorder.record(step, diag, [Action.CHECKPOINT.value], {})
+        self._notify("on_event", event)
+        logger.warning("self-healing: %s", diag.summary)
+
     def _apply_advisory(self, diag: Diagnosis, step: int, control) -> None:
         """A monitor's finding (DPO plateau, reward collapse, overfitting): recorded and alerted;
         the only state it may change is a bounded LR raise or cut it asks for."""
@@ -401,21 +699,39 @@ class SelfHealingCallback(TrainerCallback):
                     logger.warning("self-healing: observer %s.%s failed: %s", type(o).__name__, method, exc)
 
     def _rollback(self, step: int) -> dict[str, Any]:
-        snap = self.ring.latest_verified()
-        if snap is None:
-            return {"rollback": "no verified snapshot"}
-        self.ring.discard_after(snap.step)
-        self.ring.restore(snap, self.model, self.optimizer, self.scheduler, restore_scheduler=False)
+        unreadable: list[str] = []
+        while True:
+            snap = self.ring.latest_verified()
+            if snap is None:
+                out: dict[str, Any] = {"rollback": "no verified snapshot"}
+                if unreadable:
+                    out["unreadable_snapshots"] = unreadable
+                return out
+            self.ring.discard_after(snap.step)
+            try:
+                self.ring.restore(snap, self.model, self.optimizer, self.scheduler, restore_scheduler=False)
+                break
+            except SnapshotError as exc:  # a damaged spill file: the live state is untouched, try an older one
+                logger.error("self-healing: %s", exc)
+                unreadable.append(str(exc))
+                self.ring.discard(snap)
+        self._restore_plugin_state(snap)
+        lost = max(step - 1 - snap.step, 0)
+        self.recorder.counters["rollbacks"] += 1
+        self.recorder.counters["steps_lost"] += lost
+        out = {"rolled_back_to_step": snap.step, "steps_lost": lost}
+        if unreadable:
+            out["unreadable_snapshots"] = unreadable
+        return out
+
+    def _restore_plugin_state(self, snap) -> None:
+        """The detectors' and ZClip's statistics go back with the weights they describe."""
         if "monitor" in snap.extra:
             self.monitor.load_state_dict(snap.extra["monitor"])
         self.monitor.reset_trend()
         if self.zclip is not None and "zclip" in snap.extra:
             self.zclip.load_state_dict(snap.extra["zclip"])
         self._ref_report = snap.report
-        lost = max(step - 1 - snap.step, 0)
-        self.recorder.counters["rollbacks"] += 1
-        self.recorder.counters["steps_lost"] += lost
-        return {"rolled_back_to_step": snap.step, "steps_lost": lost}
 
     def _tighten_clipping(self) -> dict[str, Any]:
         if self.zclip is not None:
@@ -445,17 +761,31 @@ class SelfHealingCallback(TrainerCallback):
     # snapshots and LR persistence
     # ------------------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"monitor": self.monitor.state_dict(), "policy": self.policy.state_dict()}
+        st = self.trainer.state
+        extra: dict[str, Any] = {"monitor": self.monitor.state_dict(), "policy": self.policy.state_dict(),
+                                 "trainer_state": {"epoch": st.epoch, "num_input_tokens_seen": st.num_input_tokens_seen,
+                                                   "total_flos": st.total_flos}}
         if self.zclip is not None:
             extra["zclip"] = self.zclip.state_dict()
         return extra
 
     def _capture(self, step: int, report: StateReport):
+        if self.config.snapshot_spill_dir and self.ring.spill_dir is None:
+            self.ring.spill_dir = Path(self.trainer.args.output_dir) / self.config.snapshot_spill_dir
+        t0 = time.perf_counter()
         snap = self.ring.capture(self.model, self.optimizer, self.scheduler, step, self._extra_state(), report)
         self.recorder.counters["snapshots"] += 1
         self._notify("on_snapshot", step, snap)
         if self.config.snapshot_every_steps == "auto":
-            self._tune_snapshot_interval(snap.copy_seconds)
+            # everything this snapshot cost: the copy (on CUDA the device copy, once one has been
+            # timed), the plugin state, the observers (the journal), and the integrity pass that
+            # vouches for it when that pass was not due anyway
+            cost = time.perf_counter() - t0 - snap.alloc_seconds  # a new buffer is a one-off
+            if snap.events is not None:  # CUDA: the host only queued the copy
+                cost += self.ring.last_copy_seconds
+            if step % self.config.integrity_check_every_steps != 0:
+                cost += getattr(report, "seconds", 0.0) or 0.0
+            self._tune_snapshot_interval(cost)
         return snap
 
     def _tune_snapshot_interval(self, copy_seconds: float) -> None:
@@ -466,7 +796,8 @@ class SelfHealingCallback(TrainerCallback):
         if step_time <= 0:
             return
         interval = math.ceil(copy_seconds / (self.config.snapshot_budget * step_time))
-        self.snapshot_interval = int(min(max(interval, 5), 1000))
+        # every rank must snapshot (and gather its integrity check) at the same steps
+        self.snapshot_interval = int(agree_max(min(max(interval, 5), 1000)))
 
     def _apply_persisted_lr_scale(self) -> None:
         """After a disk resume the scheduler comes back with the LR of the checkpoint; an LR cut

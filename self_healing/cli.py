@@ -18,9 +18,23 @@ DEMO_FAULTS = {
     "scale": ("weight_scale", {}),
     "adam": ("zero_exp_avg_sq", {}),
     "spike": ("lr_scale", {"duration": 3}),
+    "oom": ("exception", {}),   # an OOM for any batch larger than half the configured one, from `step` on
+    "data": ("exception", {}),  # a shape error from one batch, once
 }
-# Not yet: "oom" and "data" (Fault("exception", step, exception=..., when=...)) belong here once crash
-# healing (halve the batch on OOM, skip a bad batch) is committed and heals them in a tiny CPU run.
+
+
+def _exception_fault(name: str, step: int, trainer):
+    import torch
+
+    from .faults import Fault
+
+    if name == "oom":
+        half = trainer.args.per_device_train_batch_size // 2
+        return Fault("exception", step=step, duration=10**6,
+                     exception=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                     when=lambda t, inputs: t.args.per_device_train_batch_size > half)
+    return Fault("exception", step=step, times=1, exception=lambda: RuntimeError(
+        "The size of tensor a (64) must match the size of tensor b (65) at non-singleton dimension 1"))
 
 
 def _quiet() -> None:
@@ -50,7 +64,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"self-healing demo: tiny {args.trainer.upper()} run, {args.steps} steps on CPU, "
           f"fault '{kind}' injected at step {args.step}\n")
     trainer = build_trainer(args.trainer, output_dir=str(out), max_steps=args.steps, logging_steps=10)
-    inject_faults(trainer, Fault(kind, step=args.step, **extra))
+    fault = (_exception_fault(args.fault, args.step, trainer) if kind == "exception"
+             else Fault(kind, step=args.step, **extra))
+    inject_faults(trainer, fault)
     sh = SelfHealingTrainer(trainer, HealingConfig.from_preset(args.preset))
     sh.train()
     print()

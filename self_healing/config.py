@@ -181,12 +181,22 @@ class HealingConfig:
     snapshot_keep: int = 3
     snapshot_verify_steps: int = 3
     """Healthy steps after a snapshot before it counts as a verified-good rollback target."""
+    snapshot_spill_dir: str | None = None
+    """Write snapshots' tensors to safetensors files in this directory (relative to `output_dir`)
+    instead of keeping `snapshot_keep` copies in host memory; for a model whose weights and
+    optimizer state do not fit there that many times. Slower, so "auto" snapshots less often."""
 
     # --- crashes (OOM, data, I/O) --------------------------------------------------------------
     api_backoff_seconds: float = 1.0
     api_backoff_max_seconds: float = 60.0
     max_api_retries: int = 5
     max_skipped_batches: int = 10
+    """Distinct batches a data error may skip before the run gives up (a pipeline bug, not noise)."""
+    preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    """On these signals: finish the step, checkpoint, write the postmortem, exit."""
+    exit_on_preemption: bool = True
+    auto_resume: bool = True
+    """Resume from the newest verified checkpoint when the last run in `output_dir` did not complete."""
 
     # --- output --------------------------------------------------------------------------------
     postmortem_path: str | None = None
@@ -288,11 +298,23 @@ class HealingConfig:
         num_in("snapshot_budget", 0.0, 1.0, lo_open=True)
         int_at_least("snapshot_keep", 1)
         int_at_least("snapshot_verify_steps", 0)
+        spill = self.snapshot_spill_dir
+        need(spill is None or (isinstance(spill, str) and spill.strip() != ""), "snapshot_spill_dir",
+             "a directory path string or null")
         num_in("api_backoff_seconds", 0.0, 3600.0)
         num_in("api_backoff_max_seconds", 0.0, 86400.0)
         int_at_least("max_api_retries", 0)
         int_at_least("max_skipped_batches", 0)
+        import signal as _signal
 
+        sigs = self.preemption_signals
+        need(isinstance(sigs, (list, tuple)) and all(
+            isinstance(x, str) and isinstance(getattr(_signal, x, None), _signal.Signals) and x not in ("SIGKILL", "SIGSTOP")
+            for x in sigs), "preemption_signals", "a list of catchable signal names such as ['SIGTERM', 'SIGUSR1']")
+        if isinstance(sigs, list):
+            self.preemption_signals = tuple(sigs)
+        need(isinstance(self.exit_on_preemption, bool), "exit_on_preemption", "true or false")
+        need(isinstance(self.auto_resume, bool), "auto_resume", "true or false")
         need(self.postmortem_path is None or (isinstance(self.postmortem_path, str) and "\0" not in self.postmortem_path
                                               and len(self.postmortem_path) < 4096),
              "postmortem_path", "a path string or null")

@@ -219,6 +219,8 @@ class StateReport:
     """Global norm of each optimizer state key (e.g. `exp_avg`, `exp_avg_sq`)."""
     beta2: float | None = None
     step: int = 0
+    seconds: float = field(default=0.0, compare=False, repr=False)
+    """Host time the pass took (what an extra check costs, for the snapshot interval)."""
 
     @property
     def weights_finite(self) -> bool:

@@ -57,6 +57,11 @@ class Action(str, Enum):
     SKIP_BATCH = "skip_batch"
     REDUCE_BATCH = "reduce_batch"
     BACKOFF_RETRY = "backoff_retry"
+    ENABLE_GRADIENT_CHECKPOINTING = "enable_gradient_checkpointing"
+    REDUCE_EVAL_BATCH = "reduce_eval_batch"
+    RESUME = "resume"
+    """Re-enter training from the last good state (in memory, else a verified checkpoint)."""
+    CHECKPOINT = "checkpoint"
     ALERT = "alert"
     GIVE_UP = "give_up"
 
@@ -260,6 +265,13 @@ def diagnose_exception(exc: BaseException, step: int | None = None, state: Detec
     msg = str(exc)
     low = msg.lower()
     ev: dict[str, Any] = {"exception_type": name, "message": msg[:500], "phase": phase}
+    agreed = getattr(exc, "failure", None)
+    if name == "RankFailure" and isinstance(agreed, FailureKind):  # one rank's failure, agreed by all
+        ev["ranks"] = getattr(exc, "ranks", [])
+        actions = {FailureKind.OOM: [Action.REDUCE_BATCH] if phase == "train" else [Action.REDUCE_EVAL_BATCH],
+                   FailureKind.DATA_ERROR: [Action.SKIP_BATCH], FailureKind.NAN_LOSS: [Action.SKIP_STEP]}
+        return _make(agreed, f"{agreed.value} on rank(s) {ev['ranks']} at step {step}: {msg[:160]}", ev,
+                     actions.get(agreed, []), step, healable=agreed in actions)
     if isinstance(exc, KeyboardInterrupt):
         return _make(FailureKind.INTERRUPTED, "interrupted by the user (KeyboardInterrupt): not healed", ev, [],
                      step, healable=False)
@@ -267,7 +279,7 @@ def diagnose_exception(exc: BaseException, step: int | None = None, state: Detec
         return _make(FailureKind.UNKNOWN, f"{name}: {msg[:200]} — a program error, not retried", ev, [], step,
                      healable=False)
     if is_oom(exc):
-        actions = [Action.REDUCE_BATCH] if phase == "train" else [Action.ALERT]
+        actions = [Action.REDUCE_BATCH] if phase == "train" else [Action.REDUCE_EVAL_BATCH]
         return _make(FailureKind.OOM, f"out of memory during {phase} at step {step}: {msg[:160]}", ev, actions, step)
     if isinstance(exc, OSError) and getattr(exc, "errno", None) == errno.ENOSPC:
         return _make(FailureKind.API_ERROR, f"disk full while writing at step {step}: {msg[:160]}",

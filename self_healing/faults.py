@@ -64,6 +64,11 @@ class Fault:
     exception: Callable[[], BaseException] | None = None
     when: Callable[[Any, Any], bool] | None = None
     """Optional extra condition `when(trainer, inputs)`, e.g. only for large batches."""
+    rank: int | None = None
+    """Fire only on this process (`args.process_index`): a failure one rank sees and the others don't."""
+    times: int | None = None
+    """Fire at most this many times in all (e.g. an exception raised once, then the retry works)."""
+    fired_count: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -80,6 +85,8 @@ class Fault:
             raise ValueError(f"Fault.factor={self.factor!r} is not accepted: expected a finite number")
 
     def active(self, step: int) -> bool:
+        if self.times is not None and self.fired_count >= self.times:
+            return False
         if self.kind in _BUILD_UP:
             return step >= self.step
         return self.step <= step < self.step + self.duration
@@ -155,11 +162,15 @@ class FaultInjector(TrainerCallback):
     def _current_step(self) -> int:
         return self.trainer.state.global_step + 1
 
+    def _on_this_rank(self, f: Fault) -> bool:
+        return f.rank is None or getattr(self.trainer.args, "process_index", 0) == f.rank
+
     def _active(self, *kinds: str) -> list[Fault]:
         step = self._current_step()
-        return [f for f in self.faults if f.kind in kinds and f.active(step)]
+        return [f for f in self.faults if f.kind in kinds and f.active(step) and self._on_this_rank(f)]
 
     def _fire(self, f: Fault, **info: Any) -> None:
+        f.fired_count += 1
         step = self._current_step()
         if not self.fired or self.fired[-1]["step"] != step or self.fired[-1]["kind"] != f.kind:
             self.fired.append({"kind": f.kind, "step": step, **info})
@@ -167,7 +178,7 @@ class FaultInjector(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step + 1
         for f in self.faults:
-            if not f.active(step):
+            if not f.active(step) or not self._on_this_rank(f):
                 continue
             with torch.no_grad():
                 if f.kind == "nan_weight":

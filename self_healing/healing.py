@@ -41,6 +41,7 @@ class HealingPolicy:
     lr_spike_streak: int = 0
     healthy_streak: int = 0
     skipped_steps: int = 0
+    skipped_batches: int = 0
     lr_scale: float = 1.0
     last_rollback_step: int | None = None
     rollback_failures: list[str] = field(default_factory=list)
@@ -59,6 +60,19 @@ class HealingPolicy:
         reason = ""
         if not d.healable:
             return Plan([Action.GIVE_UP], "not a healable failure")
+        if Action.SKIP_BATCH in actions:
+            self.skipped_batches += 1
+            if self.skipped_batches > cfg.max_skipped_batches:
+                return Plan([Action.GIVE_UP], f"data errors hit {self.skipped_batches} distinct batches "
+                                              f"(max_skipped_batches={cfg.max_skipped_batches}): a pipeline bug, not noise")
+            return Plan(actions)
+        if Action.REDUCE_BATCH in actions or Action.BACKOFF_RETRY in actions:
+            if self.attempts >= cfg.max_recovery_attempts:
+                return Plan([Action.GIVE_UP],
+                            f"{self.attempts} recovery attempts spent (max_recovery_attempts={cfg.max_recovery_attempts})")
+            self.attempts += 1
+            self.total_attempts += 1
+            return Plan(actions)
         if d.failure == FailureKind.LR_SPIKE:
             self.lr_spike_streak += 1
             if self.lr_spike_streak > _LR_SPIKE_PATIENCE:
@@ -109,8 +123,8 @@ class HealingPolicy:
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("attempts", "total_attempts", "skip_streak", "lr_spike_streak",
-                                              "healthy_streak", "skipped_steps", "lr_scale", "last_rollback_step",
-                                              "rollback_failures")}
+                                              "healthy_streak", "skipped_steps", "skipped_batches", "lr_scale",
+                                              "last_rollback_step", "rollback_failures")}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         for k, v in s.items():

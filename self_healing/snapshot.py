@@ -1,23 +1,52 @@
-"""Rollback targets kept in host memory, whatever the user's `save_strategy`.
+"""Rollback targets kept in host memory (or spilled to disk), whatever the user's `save_strategy`.
 
 A snapshot is one device-to-host copy of weights and optimizer state (plus scheduler, RNG and the
-plugin's own detector/ZClip state) into buffers that are reused from one snapshot to the next. It
-counts as a rollback target only once it is *verified*: its tensors were finite when taken and
-training stayed healthy for `verify_steps` steps after it. Host memory needed ≈ parameters +
-optimizer state (about 3× the fp32 parameter bytes for AdamW) per kept snapshot.
+plugin's own detector/ZClip state). It counts as a rollback target only once it is *verified*: its
+tensors were finite when taken and training stayed healthy for `verify_steps` steps after it.
+
+Cost, and what makes it cheap:
+
+- **One reused buffer.** A snapshot's tensors live in one flat host buffer per dtype, views into
+  it standing in for each tensor. The ring recycles its oldest snapshot's buffer for the next
+  capture, so once the ring is full no capture allocates (nor pins, nor page-faults) memory.
+- **Pinned and non-blocking on CUDA.** The buffer is pinned when the model is on a CUDA device;
+  the copy runs on a side stream, after the work already queued, and the host goes on at once.
+  An optimizer step pre-hook makes the compute stream wait for the copy (on the GPU, the host
+  never blocks) before the next update can touch the tensors being copied; anything else that
+  writes weights in place outside the optimizer must call `SnapshotRing.fence()` first. A restore
+  waits for the copy to be complete. On CPU a copy is a plain memcpy.
+- **Rarely.** How often is the callback's business (`snapshot_every_steps`; "auto" picks the
+  interval from the measured cost so that it stays under `snapshot_budget` of step time).
+
+Host memory: about `keep` x (parameters + optimizer state) bytes: with fp32 AdamW that is 12 bytes
+per trainable parameter per snapshot (weights, `exp_avg`, `exp_avg_sq`), so 3 snapshots of a 1B
+model take ~36 GB. With `spill_dir` set, the tensors go to a safetensors file per snapshot instead,
+written one tensor at a time (host memory then peaks at the largest single tensor); only the small
+non-tensor state (scheduler, RNG, detector statistics, a few KB) stays in memory. A spilled file is
+checked (size, header, every tensor's name/shape/dtype) before anything is copied back, so a
+truncated or damaged file raises `SnapshotError` and leaves the live state untouched.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import random
+import struct
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from .detectors import StateReport
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot that cannot be restored: its spilled file is missing, truncated or damaged, or
+    the model's tensors no longer match it. The live state is left as it was."""
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -65,7 +94,8 @@ def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateReport:
     """Global norms of weights and of each optimizer-state key: one fused pass, one host sync.
-    A NaN/Inf anywhere shows up as a non-finite norm."""
+    A NaN/Inf anywhere shows up as a non-finite norm. `report.seconds` is what it took."""
+    t0 = time.perf_counter()
     norms: list[torch.Tensor] = []
     keys: list[str] = []
     w = _global_norm([p for p in model.parameters()])
@@ -83,7 +113,9 @@ def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateRepo
                 beta2 = float(betas[1])
                 break
     values = torch.stack([n.float() for n in norms]).tolist()
-    return StateReport(weight_norm=values[0], optimizer_norms=dict(zip(keys, values[1:])), beta2=beta2, step=step)
+    report = StateReport(weight_norm=values[0], optimizer_norms=dict(zip(keys, values[1:])), beta2=beta2, step=step)
+    report.seconds = time.perf_counter() - t0
+    return report
 
 
 def _rng_state() -> dict[str, Any]:
@@ -111,29 +143,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _host_buffer(t: torch.Tensor) -> torch.Tensor:
-    buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available())
-    return buf
-
-
-@dataclass
-class Snapshot:
-    step: int
-    weights: list[torch.Tensor]
-    optimizer_state: list[dict[str, Any]]
-    """Per optimizer parameter (param-group order): its state, tensors in host buffers."""
-    scheduler_state: dict[str, Any] | None
-    rng_state: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
-    report: StateReport | None = None
-    healthy_steps_after: int = 0
-    taken_at: float = 0.0
-    copy_seconds: float = 0.0
-
-    def nbytes(self) -> int:
-        n = sum(t.numel() * t.element_size() for t in self.weights)
-        for st in self.optimizer_state:
-            n += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
-        return n
+    """A host tensor shaped like `t` (pinned when `t` is on a CUDA device)."""
+    return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available())
 
 
 def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -146,63 +157,259 @@ def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s.detach(), non_blocking=True)
 
 
-class SnapshotRing:
-    """The last `keep` snapshots; the oldest one's buffers are reused for the next capture."""
+Spec = tuple[tuple[int, ...], torch.dtype]
 
-    def __init__(self, keep: int = 3, verify_steps: int = 3) -> None:
+_ALIGN = 64
+"""Byte alignment of each tensor inside a flat buffer (a cache line; keeps every view aligned)."""
+
+
+class HostStore:
+    """One flat host buffer per dtype and a view into it per tensor, in order."""
+
+    def __init__(self, specs: Sequence[Spec], pin: bool) -> None:
+        self.specs = list(specs)
+        self.pin = pin
+        sizes: dict[torch.dtype, int] = {}
+        offsets: list[int] = []
+        for shape, dtype in self.specs:
+            per = max(_ALIGN // _itemsize(dtype), 1)
+            off = sizes.get(dtype, 0)
+            offsets.append(off)
+            sizes[dtype] = off + -(-_numel(shape) // per) * per
+        self.flats = {dt: torch.empty(n, dtype=dt, device="cpu", pin_memory=pin) for dt, n in sizes.items()}
+        if not pin:  # fault the pages in now (a pinned allocation already did): the first copy into fresh
+            for f in self.flats.values():  # memory runs several times slower than the next ones
+                f.zero_()
+        self.views = [self.flats[dt][off:off + _numel(shape)].view(shape)
+                      for (shape, dt), off in zip(self.specs, offsets)]
+
+    def fits(self, specs: Sequence[Spec], pin: bool) -> bool:
+        return self.pin == pin and self.specs == list(specs)
+
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.flats.values())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    size = getattr(dtype, "itemsize", None)  # torch >= 2.1
+    return size if isinstance(size, int) else torch.empty((), dtype=dtype).element_size()
+
+
+def _spec(t: torch.Tensor) -> Spec:
+    return tuple(t.shape), t.dtype
+
+
+@dataclass
+class _OnDisk:
+    """Stands for tensor number `index` of a spilled snapshot's file."""
+
+    index: int
+
+
+@dataclass
+class Snapshot:
+    step: int
+    weights: list[torch.Tensor]
+    """Host copies of the model's tensors (`model_tensors` order); empty when spilled to disk."""
+    optimizer_state: list[dict[str, Any]]
+    """Per optimizer parameter (param-group order): its state, tensors in host buffers (or
+    `_OnDisk` placeholders when spilled)."""
+    scheduler_state: dict[str, Any] | None
+    rng_state: dict[str, Any]
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
+    """The optimizer's param-group hyperparameters (`lr`, `initial_lr`, betas...), without params."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    report: StateReport | None = None
+    healthy_steps_after: int = 0
+    taken_at: float = 0.0
+    copy_seconds: float = 0.0
+    """Host time the capture took, allocation aside (on CUDA, the copy itself runs on after it)."""
+    alloc_seconds: float = 0.0
+    """Time spent allocating (and faulting in) a new buffer: once per ring slot, not per snapshot."""
+    specs: list[Spec] = field(default_factory=list, repr=False)
+    """(shape, dtype) of every tensor: the weights first, then optimizer state in param/key order."""
+    n_weights: int = 0
+    store: HostStore | None = field(default=None, repr=False)
+    path: str | None = None
+    """The safetensors file holding the tensors, when spilled to disk."""
+    file_size: int | None = None
+    """Bytes written to `path` (a shorter file was truncated)."""
+    events: tuple[Any, Any] | None = field(default=None, repr=False)
+    """CUDA (start, end) events of a copy that may still be running."""
+
+    def nbytes(self) -> int:
+        return sum(_numel(shape) * _itemsize(dt) for shape, dt in self.specs)
+
+    def wait(self) -> None:
+        """Block until the copy is complete (a no-op on CPU and once done)."""
+        if self.events is not None:
+            self.events[1].synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# safetensors, written one tensor at a time (host memory stays at one tensor, whatever the model)
+# ------------------------------------------------------------------------------------------------
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _code
+
+
+def _write_safetensors(path: Path, tensors: Sequence[torch.Tensor], metadata: dict[str, str]) -> int:
+    """Write `tensors` as `t0, t1, ...` in the safetensors format to `path` (atomically: a temp
+    file renamed into place). Returns the file size."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    off = 0
+    for i, t in enumerate(tensors):
+        if t.dtype not in _ST_DTYPES:
+            raise SnapshotError(f"cannot spill a tensor of dtype {t.dtype} to safetensors")
+        n = t.numel() * t.element_size()
+        header[f"t{i}"] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for t in tensors:
+            c = t.detach()
+            if c.device.type != "cpu":
+                c = c.to("cpu")
+            c = c.contiguous().reshape(-1)
+            if c.numel():
+                f.write(memoryview(c.view(torch.uint8).numpy()))
+    os.replace(tmp, path)
+    return 8 + len(hb) + off
+
+
+class _SpilledReader:
+    """Opens a spilled snapshot's file and checks all of it against the snapshot before a single
+    live tensor is touched."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        from safetensors import safe_open
+
+        path = snap.path
+        assert path is not None
+        expected = snap.file_size
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            raise SnapshotError(f"the snapshot of step {snap.step} spilled to {path} cannot be read ({e.strerror or e})"
+                                ) from None
+        if expected is not None and size != expected:
+            raise SnapshotError(f"the snapshot of step {snap.step} spilled to {path} is truncated or damaged: "
+                                f"{size} bytes on disk, {expected} written")
+        try:
+            self._file = safe_open(path, framework="pt", device="cpu")
+            keys = set(self._file.keys())
+        except Exception as e:  # noqa: BLE001 - any parse failure means the file is not the one written
+            raise SnapshotError(f"the snapshot of step {snap.step} spilled to {path} is not a readable safetensors "
+                                f"file ({type(e).__name__}: {e})") from None
+        for i, (shape, dtype) in enumerate(snap.specs):
+            name = f"t{i}"
+            if name not in keys:
+                raise SnapshotError(f"the snapshot of step {snap.step} spilled to {path} lacks tensor {name}")
+            sl = self._file.get_slice(name)
+            if tuple(sl.get_shape()) != tuple(shape) or sl.get_dtype() != _ST_DTYPES.get(dtype):
+                raise SnapshotError(f"tensor {name} of the snapshot spilled to {path} is {sl.get_dtype()} "
+                                    f"{sl.get_shape()}, expected {_ST_DTYPES.get(dtype)} {list(shape)}")
+
+    def get(self, i: int) -> torch.Tensor:
+        return self._file.get_tensor(f"t{i}")
+
+
+# ------------------------------------------------------------------------------------------------
+class SnapshotRing:
+    """The last `keep` snapshots; the oldest one's buffer is reused for the next capture.
+
+    `spill_dir`: write each snapshot's tensors to a safetensors file there instead of keeping them
+    in host memory (for a model whose state does not fit in host memory `keep` times)."""
+
+    def __init__(self, keep: int = 3, verify_steps: int = 3, spill_dir: str | os.PathLike | None = None) -> None:
         self.keep = keep
         self.verify_steps = verify_steps
+        self.spill_dir = spill_dir
         self.snapshots: list[Snapshot] = []
         self.bytes_copied = 0
+        self.last_copy_seconds = 0.0
+        """What the last completed copy took: host time on CPU; on CUDA, the copy's own duration on
+        the device, once known (the host time there is only the time to queue it)."""
+        self._stream: Any = None
+        self._hooked: set[int] = set()
+        self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------------------------------
     def capture(self, model: torch.nn.Module, optimizer: Any, scheduler: Any, step: int,
                 extra: dict[str, Any] | None = None, report: StateReport | None = None) -> Snapshot:
         t0 = time.perf_counter()
+        self._note_finished_copies()
         tensors = model_tensors(model)
         opt = unwrap_optimizer(optimizer) if optimizer is not None else None
-        recycled = self._pop_recyclable() if len(self.snapshots) >= self.keep else None
 
-        weights = recycled.weights if recycled and _same_shapes(recycled.weights, tensors) else [_host_buffer(t) for t in tensors]
-        _copy_into(weights, tensors)
-
-        opt_state: list[dict[str, Any]] = []
+        # the tensors to copy, in order, and the optimizer state's layout around them
+        src: list[torch.Tensor] = list(tensors)
+        layout: list[dict[str, Any]] = []
         if opt is not None:
-            old = recycled.optimizer_state if recycled else []
-            src_list, dst_list = [], []
-            i = 0
             for group in opt.param_groups:
                 for p in group["params"]:
-                    st = opt.state.get(p, {})
-                    prev = old[i] if i < len(old) else {}
                     entry: dict[str, Any] = {}
-                    for k, v in st.items():
+                    for k, v in opt.state.get(p, {}).items():
                         if isinstance(v, torch.Tensor):
-                            b = prev.get(k)
-                            if not (isinstance(b, torch.Tensor) and b.shape == v.shape and b.dtype == v.dtype):
-                                b = _host_buffer(v)
-                            entry[k] = b
-                            src_list.append(v)
-                            dst_list.append(b)
+                            entry[k] = len(src)
+                            src.append(v)
                         else:
-                            entry[k] = copy.deepcopy(v)
-                    opt_state.append(entry)
-                    i += 1
-            _copy_into(dst_list, src_list)
-        if any(t.is_cuda for t in tensors) and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the host copy must be complete before it is trusted
+                            entry[k] = _Value(copy.deepcopy(v))
+                    layout.append(entry)
+        specs = [_spec(t) for t in src]
+        cuda = any(t.is_cuda for t in src) and torch.cuda.is_available()
 
-        snap = Snapshot(
-            step=step,
-            weights=weights,
-            optimizer_state=opt_state,
-            scheduler_state=copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
-            rng_state=_rng_state(),
-            extra=copy.deepcopy(extra or {}),
-            report=report,
-            taken_at=time.time(),
-        )
-        snap.copy_seconds = time.perf_counter() - t0
+        recycled = self._pop_recyclable() if len(self.snapshots) >= self.keep else None
+        if recycled is not None:
+            recycled.wait()
+        snap = Snapshot(step=step, weights=[], optimizer_state=[], scheduler_state=None, rng_state={},
+                        specs=specs, n_weights=len(tensors))
+        if self.spill_dir is not None:
+            self._spill(snap, src, recycled)
+            ref: Any = _OnDisk
+        else:
+            if recycled is not None and recycled.store is not None and recycled.store.fits(specs, cuda):
+                store = recycled.store
+            else:
+                t_alloc = time.perf_counter()
+                store = HostStore(specs, pin=cuda)
+                snap.alloc_seconds = time.perf_counter() - t_alloc
+            if recycled is not None and store is not recycled.store:
+                self._delete_file(recycled)
+            snap.store = store
+            if cuda:
+                snap.events = self._copy_async(store.views, src, opt)
+            else:
+                _copy_into(store.views, src)
+            snap.weights = store.views[:len(tensors)]
+            ref = store.views.__getitem__
+        snap.optimizer_state = [{k: (v.value if isinstance(v, _Value) else ref(v)) for k, v in entry.items()}
+                                for entry in layout]
+        snap.scheduler_state = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
+        if opt is not None:
+            snap.param_groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        snap.rng_state = _rng_state()
+        snap.extra = copy.deepcopy(extra or {})
+        snap.report = report
+        snap.taken_at = time.time()
+        snap.copy_seconds = time.perf_counter() - t0 - snap.alloc_seconds
+        if snap.events is None:
+            self.last_copy_seconds = snap.copy_seconds
         self.bytes_copied += snap.nbytes()
         self.snapshots.append(snap)
         return snap
@@ -210,43 +417,132 @@ class SnapshotRing:
     def restore(self, snap: Snapshot, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
                 restore_scheduler: bool = True, restore_rng: bool = True) -> None:
         """Copy a snapshot back in place: the same tensors, so the optimizer and any wrapper keep
-        pointing at them and the running `train()` call continues."""
+        pointing at them and the running `train()` call continues. `restore_scheduler=False`
+        leaves the LR schedule where it is now (scheduler state and param-group hyperparameters):
+        a rollback moves the weights back, not the schedule, and an LR cut taken since persists.
+        Raises `SnapshotError`, with the live state untouched, when the snapshot cannot be read
+        back or does not fit the model."""
         tensors = model_tensors(model)
-        if not _same_shapes(snap.weights, tensors):
-            raise RuntimeError("snapshot does not match the model's tensors (was the model changed after it was taken?)")
+        if [_spec(t) for t in tensors] != snap.specs[:snap.n_weights]:
+            raise SnapshotError("snapshot does not match the model's tensors (was the model changed after it was taken?)")
+        snap.wait()
+        if snap.path is not None:
+            reader = _SpilledReader(snap)  # everything is checked here, before any live tensor changes
+            get = reader.get
+        else:
+            assert snap.store is not None
+            get = snap.store.views.__getitem__
         with torch.no_grad():
-            _copy_into(tensors, snap.weights)
+            if snap.path is not None:
+                for i, t in enumerate(tensors):
+                    t.copy_(get(i))
+            else:
+                _copy_into(tensors, snap.store.views[:snap.n_weights])
             if optimizer is not None:
-                opt = unwrap_optimizer(optimizer)
-                i = 0
-                for group in opt.param_groups:
-                    for p in group["params"]:
-                        saved = snap.optimizer_state[i] if i < len(snap.optimizer_state) else {}
-                        i += 1
-                        if not saved:
-                            opt.state.pop(p, None)
-                            continue
-                        cur = opt.state.setdefault(p, {})
-                        for k in list(cur):
-                            if k not in saved:
-                                del cur[k]
-                        for k, v in saved.items():
-                            if isinstance(v, torch.Tensor):
-                                t = cur.get(k)
-                                if isinstance(t, torch.Tensor) and t.shape == v.shape and t.dtype == v.dtype:
-                                    t.copy_(v, non_blocking=True)
-                                else:
-                                    dev = p.device if v.dim() > 0 else v.device
-                                    cur[k] = v.to(dev, copy=True)
-                            else:
-                                cur[k] = copy.deepcopy(v)
-        if restore_scheduler and scheduler is not None and snap.scheduler_state is not None:
-            scheduler.load_state_dict(copy.deepcopy(snap.scheduler_state))
+                self._restore_optimizer(snap, unwrap_optimizer(optimizer), get)
+        if restore_scheduler:  # the schedule as it was: the scheduler and the LRs it had set
+            if scheduler is not None and snap.scheduler_state is not None:
+                scheduler.load_state_dict(copy.deepcopy(snap.scheduler_state))
+            if optimizer is not None and len(snap.param_groups) == len(unwrap_optimizer(optimizer).param_groups):
+                for g, saved in zip(unwrap_optimizer(optimizer).param_groups, snap.param_groups):
+                    g.update(copy.deepcopy(saved))
         if restore_rng:
             _set_rng_state(snap.rng_state)
         if any(t.is_cuda for t in tensors) and torch.cuda.is_available():
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # the host buffers may be reused as soon as this returns
 
+    @staticmethod
+    def _restore_optimizer(snap: Snapshot, opt: torch.optim.Optimizer, get: Any) -> None:
+        i = 0
+        for group in opt.param_groups:
+            for p in group["params"]:
+                saved = snap.optimizer_state[i] if i < len(snap.optimizer_state) else {}
+                i += 1
+                if not saved:
+                    opt.state.pop(p, None)
+                    continue
+                cur = opt.state.setdefault(p, {})
+                for k in list(cur):
+                    if k not in saved:
+                        del cur[k]
+                for k, v in saved.items():
+                    if isinstance(v, _OnDisk):
+                        v = get(v.index)
+                    if isinstance(v, torch.Tensor):
+                        t = cur.get(k)
+                        if isinstance(t, torch.Tensor) and t.shape == v.shape and t.dtype == v.dtype:
+                            t.copy_(v, non_blocking=True)
+                        else:
+                            dev = p.device if v.dim() > 0 else v.device
+                            cur[k] = v.to(dev, copy=True)
+                    else:
+                        cur[k] = copy.deepcopy(v)
+
+    # ------------------------------------------------------------------------------------------
+    # CUDA: copy on a side stream; the next optimizer step waits for it on the device
+    # ------------------------------------------------------------------------------------------
+    def _copy_async(self, dst: list[torch.Tensor], src: list[torch.Tensor], opt: Any) -> tuple[Any, Any]:
+        device = next(t.device for t in src if t.is_cuda)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._stream.wait_stream(torch.cuda.current_stream(device))  # after the update that produced them
+        with torch.cuda.stream(self._stream):
+            start.record()
+            _copy_into(dst, src)
+            end.record()
+        for t in src:
+            if t.is_cuda:
+                t.record_stream(self._stream)
+        if opt is not None and id(opt) not in self._hooked and hasattr(opt, "register_step_pre_hook"):
+            self._hooked.add(id(opt))
+            self._hooks.append(opt.register_step_pre_hook(lambda *_: self.fence()))
+        return start, end
+
+    def fence(self) -> None:
+        """Make the current CUDA stream wait (on the device; the host does not block) for every
+        snapshot copy still running. Runs before each optimizer step; call it before writing
+        weights or optimizer state in place anywhere else."""
+        for s in self.snapshots:
+            if s.events is not None:
+                torch.cuda.current_stream().wait_event(s.events[1])
+
+    def _note_finished_copies(self) -> None:
+        for s in self.snapshots:
+            if s.events is not None and s.events[1].query():
+                self.last_copy_seconds = max(s.events[0].elapsed_time(s.events[1]) / 1000, s.copy_seconds)
+                s.events = None
+
+    # ------------------------------------------------------------------------------------------
+    # spilling to disk
+    # ------------------------------------------------------------------------------------------
+    def _spill(self, snap: Snapshot, src: list[torch.Tensor], recycled: Snapshot | None) -> None:
+        d = Path(self.spill_dir)  # type: ignore[arg-type]
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"snapshot-step-{snap.step}-{time.monotonic_ns()}.safetensors"
+        if recycled is not None:  # free its disk space first: it is never the last verified one
+            self._delete_file(recycled)
+        with torch.no_grad():
+            size = _write_safetensors(path, src, {"step": str(snap.step), "format": "self-healing-snapshot-1"})
+        snap.path = str(path)
+        snap.file_size = size
+
+    @staticmethod
+    def _delete_file(snap: Snapshot) -> None:
+        if snap.path is not None:
+            try:
+                os.remove(snap.path)
+            except OSError:
+                pass
+            snap.path = None
+
+    def clear(self) -> None:
+        """Drop every snapshot (and its spilled file)."""
+        for s in self.snapshots:
+            self._delete_file(s)
+        self.snapshots = []
+
+    # ------------------------------------------------------------------------------------------
     def _pop_recyclable(self) -> Snapshot | None:
         """The oldest snapshot, unless it is the newest verified one: rotation never deletes the
         last good state in favour of one not yet proven good."""
@@ -271,11 +567,22 @@ class SnapshotRing:
         """A failure inside a snapshot's verification window makes it suspect: drop it."""
         keep = [s for s in self.snapshots if s.healthy_steps_after >= self.verify_steps]
         dropped = len(self.snapshots) - len(keep)
+        self._drop([s for s in self.snapshots if s not in keep])
         self.snapshots = keep
         return dropped
 
     def discard_after(self, step: int) -> None:
+        self._drop([s for s in self.snapshots if s.step > step])
         self.snapshots = [s for s in self.snapshots if s.step <= step]
+
+    def discard(self, snap: Snapshot) -> None:
+        """Drop one snapshot (one that turned out unreadable, say)."""
+        self._drop([snap])
+        self.snapshots = [s for s in self.snapshots if s is not snap]
+
+    def _drop(self, snaps: Iterable[Snapshot]) -> None:
+        for s in snaps:
+            self._delete_file(s)
 
     @property
     def latest(self) -> Snapshot | None:
@@ -283,6 +590,13 @@ class SnapshotRing:
 
     def __len__(self) -> int:
         return len(self.snapshots)
+
+
+@dataclass
+class _Value:
+    """A non-tensor optimizer state entry, already deep-copied."""
+
+    value: Any
 
 
 def _same_shapes(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> bool:

@@ -1,12 +1,18 @@
-"""Snapshots restore bit-exactly: weights, optimizer state, scheduler, RNG, and the plugin's own state."""
+"""Snapshots restore bit-exactly: weights, optimizer state, scheduler, RNG, and the plugin's own
+state; from one reused host buffer or from a safetensors file on disk (a damaged file is refused
+before anything is touched). No timing is asserted anywhere here: benchmarks/ measures cost."""
 import copy
+import os
 import random
 
 import numpy as np
+import pytest
 import torch
 
-from self_healing.snapshot import SnapshotRing, state_report
-from self_healing.tiny import tiny_llama, tiny_tokenizer
+from self_healing import HealingConfig, SelfHealingTrainer
+from self_healing.faults import Fault, inject_faults
+from self_healing.snapshot import SnapshotError, SnapshotRing, model_tensors, state_report
+from self_healing.tiny import build_trainer, tiny_llama, tiny_tokenizer
 from self_healing.zclip import ZClip
 
 
@@ -107,3 +113,236 @@ def test_state_report_sees_nan_anywhere():
     with torch.no_grad():
         next(model.parameters()).view(-1)[3] = float("inf")
     assert not state_report(model, opt, 1).weights_finite
+
+
+# ------------------------------------------------------------------------------------------------
+# one reused buffer, spilling to disk, and what the callback does with them
+# ------------------------------------------------------------------------------------------------
+
+
+def _full_state(model, opt, sched):
+    return (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict()),
+            torch.get_rng_state().clone())
+
+
+def _assert_state(model, opt, sched, want):
+    w, o, s, rng = want
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w[k]), k
+    got = opt.state_dict()
+    assert got["param_groups"] == o["param_groups"]
+    assert set(got["state"]) == set(o["state"])
+    for pid, st in o["state"].items():
+        assert set(got["state"][pid]) == set(st)
+        for k, v in st.items():
+            assert torch.equal(got["state"][pid][k], v), (pid, k)
+    assert sched.state_dict() == s
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_one_flat_buffer_per_dtype_reused_once_the_ring_is_full():
+    model, opt, sched = _setup()
+    _train_steps(model, opt, sched, 1)
+    ring = SnapshotRing(keep=2, verify_steps=0)
+    snaps = [ring.capture(model, opt, sched, step=s) for s in range(1, 6)]
+    store = snaps[-1].store
+    assert list(store.flats) == [torch.float32]  # weights, Adam moments and the 0-dim `step` in one buffer
+    assert all(v.data_ptr() >= store.flats[torch.float32].data_ptr() for v in store.views)
+    buffers = {s.store.flats[torch.float32].data_ptr() for s in snaps[2:]}
+    assert len(buffers) <= 2  # from the third capture on, nothing new is allocated
+    assert snaps[-1].nbytes() == sum(t.numel() * t.element_size() for t in
+                                     model_tensors(model) + [v for st in opt.state.values() for v in st.values()])
+
+
+def test_restore_of_an_older_snapshot_after_the_ring_recycled_is_bit_exact():
+    model, opt, sched = _setup()
+    _train_steps(model, opt, sched, 2)
+    ring = SnapshotRing(keep=3, verify_steps=1)
+    first = ring.capture(model, opt, sched, step=2)
+    want = _full_state(model, opt, sched)
+    ring.mark_healthy_step()
+    for s in range(3, 8):  # the ring recycles around the verified one, never over it
+        _train_steps(model, opt, sched, 1)
+        ring.capture(model, opt, sched, step=s)
+    assert first in ring.snapshots
+    ring.restore(first, model, opt, sched)
+    _assert_state(model, opt, sched, want)
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_spilled_snapshot_restores_bit_exactly(tmp_path, keep):
+    model, opt, sched = _setup()
+    _train_steps(model, opt, sched, 3)
+    zc = ZClip(warmup_steps=2)
+    for x in (1.0, 2.0, 1.5):
+        zc.observe(x)
+    ring = SnapshotRing(keep=keep, verify_steps=0, spill_dir=tmp_path / "spill")
+    snap = ring.capture(model, opt, sched, step=3, extra={"zclip": zc.state_dict()})
+    want = _full_state(model, opt, sched)
+    want_py, want_np, want_zclip = random.random(), np.random.rand(), zc.state_dict()
+    assert snap.weights == [] and snap.store is None and os.path.isfile(snap.path)
+
+    _train_steps(model, opt, sched, 4)
+    zc.observe(50.0)
+    ring.restore(snap, model, opt, sched)
+    zc.load_state_dict(snap.extra["zclip"])
+    _assert_state(model, opt, sched, want)
+    assert random.random() == want_py and np.random.rand() == want_np
+    assert zc.state_dict() == want_zclip
+
+
+def test_spill_file_is_plain_safetensors_and_rotates(tmp_path):
+    from safetensors.torch import load_file
+
+    model, opt, sched = _setup()
+    _train_steps(model, opt, sched, 1)
+    ring = SnapshotRing(keep=2, verify_steps=0, spill_dir=tmp_path)
+    snaps = [ring.capture(model, opt, sched, step=s) for s in (1, 2, 3, 4)]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and all(f.endswith(".safetensors") for f in files)  # recycled files are deleted
+    loaded = load_file(snaps[-1].path)  # no pickle anywhere: the reference reader loads it
+    assert torch.equal(loaded["t0"], next(model.parameters()).detach())
+    ring.discard_after(3)
+    assert len(list(tmp_path.iterdir())) == 1
+    ring.clear()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_spill_file_is_rejected_and_the_live_state_is_untouched(tmp_path):
+    model, opt, sched = _setup()
+    _train_steps(model, opt, sched, 2)
+    ring = SnapshotRing(keep=2, verify_steps=0, spill_dir=tmp_path)
+    snap = ring.capture(model, opt, sched, step=2)
+    _train_steps(model, opt, sched, 2)
+    live = _full_state(model, opt, sched)
+    size = os.path.getsize(snap.path)
+    with open(snap.path, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(SnapshotError, match="truncated"):
+        ring.restore(snap, model, opt, sched)
+    _assert_state(model, opt, sched, live)
+    with open(snap.path, "r+b") as f:  # a damaged header of the right length is caught too
+        f.truncate(0)
+        f.write(b"\xff" * size)
+    with pytest.raises(SnapshotError, match="not a readable safetensors"):
+        ring.restore(snap, model, opt, sched)
+    os.remove(snap.path)
+    with pytest.raises(SnapshotError, match="cannot be read"):
+        ring.restore(snap, model, opt, sched)
+    _assert_state(model, opt, sched, live)
+
+
+def test_restore_into_a_changed_model_is_refused():
+    model, opt, sched = _setup()
+    ring = SnapshotRing(keep=2, verify_steps=0)
+    snap = ring.capture(model, opt, sched, step=0)
+    other = tiny_llama(tiny_tokenizer(), hidden=16, layers=1)
+    with pytest.raises(SnapshotError, match="does not match"):
+        ring.restore(snap, other, None)
+
+
+def test_state_report_times_itself():
+    model, opt, sched = _setup()
+    _train_steps(model, opt, sched, 1)
+    r = state_report(model, opt, 1)
+    assert r.seconds > 0
+    assert r == state_report(model, opt, 1)  # the timing is not part of the comparison
+
+
+def test_spill_dir_must_be_a_path_or_null():
+    assert HealingConfig(snapshot_spill_dir="snapshots").snapshot_spill_dir == "snapshots"
+    for bad in ("", "  ", 3):
+        with pytest.raises(ValueError, match="snapshot_spill_dir"):
+            HealingConfig(snapshot_spill_dir=bad)
+
+
+def test_auto_interval_keeps_the_snapshot_under_its_budget():
+    from self_healing.callback import SelfHealingCallback
+
+    cb = SelfHealingCallback(HealingConfig())
+    cb._step_times.extend([0.2] * 5)
+    cb._tune_snapshot_interval(0.01)  # 10 ms per snapshot, 200 ms steps, 0.5% budget: every 10 steps
+    assert cb.snapshot_interval == 10
+    cb._tune_snapshot_interval(0.0001)
+    assert cb.snapshot_interval == 5  # never more often than every 5 steps
+    cb._tune_snapshot_interval(100.0)
+    assert cb.snapshot_interval == 1000
+
+
+def _run(tmp_path, name, config, *faults, steps=40):
+    tr = build_trainer("trainer", output_dir=str(tmp_path / name), max_steps=steps)
+    if faults:
+        inject_faults(tr, *faults)
+    sh = SelfHealingTrainer(tr, config)
+    sh.train()
+    return sh
+
+
+def test_rollback_from_a_spilled_snapshot_equals_the_in_memory_one(tmp_path):
+    """The same run, the same weight corruption: spilled and in-memory snapshots roll back to the
+    same step and end bit-identical."""
+    fault = Fault("nan_weight", step=27)
+    mem = _run(tmp_path, "mem", HealingConfig(snapshot_every_steps=5), fault)
+    fault = Fault("nan_weight", step=27)
+    disk = _run(tmp_path, "disk", HealingConfig(snapshot_every_steps=5, snapshot_spill_dir="snaps"), fault)
+    for sh in (mem, disk):
+        assert sh.exit_reason == "completed" and sh.callback.recorder.counters["rollbacks"] == 1
+    ev = [e for e in disk.callback.recorder.events if "rolled_back_to_step" in e.get("details", {})]
+    assert ev and ev[0]["details"]["rolled_back_to_step"] == 20 and ev[0]["details"]["steps_lost"] == 6
+    assert os.listdir(tmp_path / "disk" / "snaps")
+    for a, b in zip(mem.trainer.model.parameters(), disk.trainer.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_damaged_spill_file_falls_back_to_an_older_snapshot(tmp_path):
+    from transformers import TrainerCallback
+
+    class Truncate(TrainerCallback):
+        """Damage the newest verified snapshot's file just before the fault."""
+
+        def __init__(self):
+            self.cb = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step + 1 == 27:
+                with open(self.cb.ring.latest_verified().path, "r+b") as f:
+                    f.truncate(64)
+            return control
+
+    tr = build_trainer("trainer", output_dir=str(tmp_path / "run"), max_steps=40)
+    inject_faults(tr, Fault("nan_weight", step=27))
+    trunc = Truncate()
+    tr.add_callback(trunc)
+    sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5, snapshot_spill_dir="snaps"))
+    trunc.cb = sh.callback
+    sh.train()
+    assert sh.exit_reason == "completed"
+    ev = [e for e in sh.callback.recorder.events if "rolled_back_to_step" in e.get("details", {})][0]
+    assert ev["details"]["rolled_back_to_step"] == 15 and "truncated" in ev["details"]["unreadable_snapshots"][0]
+    assert all(bool(torch.isfinite(p).all()) for p in sh.trainer.model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_snapshot_is_pinned_async_and_bit_exact():
+    model, opt, sched = _setup()
+    model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    def steps(n):
+        for _ in range(n):
+            ids = torch.randint(0, 40, (2, 12), device="cuda")
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+    steps(2)
+    ring = SnapshotRing(keep=2, verify_steps=0)
+    snap = ring.capture(model, opt, sched, step=2)
+    assert snap.store.pin and all(f.is_pinned() for f in snap.store.flats.values())
+    snap.wait()
+    want = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    steps(3)  # the optimizer pre-hook fences each update behind the copy
+    ring.restore(snap, model, opt, sched)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[0][k]), k
+    for pid, st in want[1]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(opt.state_dict()["state"][pid][k], v)

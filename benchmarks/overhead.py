@@ -1,0 +1,146 @@
+"""Per-step cost of `SelfHealingTrainer` on a clean run, against the bare trainer.
+
+    python benchmarks/overhead.py                    # ~3M and ~25M models, default and aggressive presets
+    python benchmarks/overhead.py --sizes 3M --steps 300
+    python benchmarks/overhead.py --sizes 3M --presets none default   # with an A/A check of the method
+
+The bare trainer and one protected trainer per preset train the same model from the same seed on
+the same data, in one process, taking turns one optimizer step at a time (benchmarks/_common.py
+says why, and why the process runs with MALLOC_ARENA_MAX=1). The run is split in rounds, each
+with a different trainer in the main thread. The headline is the median over steps of
+protected/bare time of the same step; the total-time ratio next to it also carries what comes
+every N steps (snapshot copies, integrity checks) and is noisier. Target: <= 1.02 for the default
+preset.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and sys.platform.startswith("linux") and not os.environ.get("MALLOC_ARENA_MAX"):
+    os.environ["MALLOC_ARENA_MAX"] = "1"  # one malloc arena for every thread: see benchmarks/_common.py
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+DEFAULT_STEPS = {"tiny": 150, "3M": 240, "25M": 120}
+TARGET = 1.02
+
+
+def one_round(size: str, names: list[str], main: str, steps: int, kind: str) -> tuple[C.Turns, dict, int, float]:
+    from self_healing import HealingConfig, SelfHealingTrainer
+
+    turns = C.Turns(names)
+    runners, protected = {}, {}
+    n = 0
+    with tempfile.TemporaryDirectory(prefix="sh-overhead-") as tmp:
+        for name in names:
+            tr = C.build(size, f"{tmp}/{name}", max_steps=steps + 1, kind=kind)
+            turn = C.TurnCallback(turns, name)
+            tr.add_callback(turn)
+            n = C.n_params(tr.model)
+            if name in ("bare", "none"):  # "none": a second bare trainer, the A/A check of the method
+                runners[name] = tr.train
+            else:
+                sh = SelfHealingTrainer(tr, getattr(HealingConfig, name)())
+                turn.feed_step_times_to(sh.callback)
+                protected[name] = sh
+                runners[name] = sh.train
+        t0 = time.perf_counter()
+        errors = C.run_interleaved(turns, runners, main=main)
+        wall = time.perf_counter() - t0
+    if errors:
+        raise next(iter(errors.values()))
+    return turns, protected, n, wall
+
+
+def measure(size: str, presets: list[str], steps: int, warmup: int, kind: str, rounds: int) -> list[dict]:
+    names = ["bare"] + presets
+    per_round = max(steps // rounds, warmup + 5)
+    ratios = {p: [] for p in presets}
+    prot_t = {p: [] for p in presets}
+    bare_t: list[float] = []
+    sums = {p: [0.0, 0.0] for p in presets}
+    info: dict[str, dict] = {}
+    wall = 0.0
+    n = 0
+    for r in range(rounds):
+        main = names[(r + 1) % len(names)]  # the first round has the default preset in the main thread
+        turns, protected, n, w = one_round(size, names, main, per_round, kind)
+        wall += w
+        bare = turns.times["bare"]
+        bare_t += bare[warmup:]
+        for p in presets:
+            prot = turns.times[p]
+            ratios[p] += C.paired_ratios(prot, bare, warmup)
+            prot_t[p] += prot[warmup:]
+            k = min(len(prot), len(bare))
+            sums[p][0] += sum(prot[warmup:k])
+            sums[p][1] += sum(bare[warmup:k])
+            sh = protected.get(p)
+            if sh is not None:
+                cb = sh.callback
+                d = info.setdefault(p, {"interval": cb.snapshot_interval, "copies": [], "events": 0})
+                d["copies"] += list(getattr(cb, "_copy_times", [])) or [s.copy_seconds for s in cb.ring.snapshots]
+                d["events"] += len(cb.recorder.events) + (sh.exit_reason != "completed")
+    rows = []
+    for p in presets:
+        lo, hi = C.ci95_of_median(ratios[p])
+        d = info.get(p, {})
+        copies = d.get("copies") or []
+        rows.append(dict(model=size, params=C.fmt_params(n), preset=p, steps=len(ratios[p]),
+                         bare_ms=1000 * C.median(bare_t), prot_ms=1000 * C.median(prot_t[p]),
+                         ratio=C.median(ratios[p]), lo=lo, hi=hi, total=sums[p][0] / sums[p][1],
+                         interval=d.get("interval", "-"),
+                         copy_ms=1000 * sum(copies) / len(copies) if copies else "-",
+                         events=d.get("events", 0), wall=wall))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["3M", "25M"], choices=list(C.SIZES))
+    p.add_argument("--presets", nargs="+", default=["default", "aggressive"],
+                   help="HealingConfig presets to time; 'none' is a second bare trainer (A/A check of the method)")
+    p.add_argument("--steps", type=int, help="timed steps per trainer, all rounds together "
+                                             "(default: 240 for 3M, 120 for 25M)")
+    p.add_argument("--rounds", type=int, help="rounds, each with another trainer in the main thread "
+                                              "(default: one per trainer)")
+    p.add_argument("--warmup", type=int, default=8, help="first steps of each round left out of the statistics")
+    p.add_argument("--kind", default="sft", help="trainer kind from self_healing.tiny (default: sft)")
+    a = p.parse_args(argv)
+    C.quiet()
+    C.single_thread()
+    print(f"# overhead: {C.device_name()}, MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX')}, "
+          f"{C.load_average()}", flush=True)
+    rows = []
+    for size in a.sizes:
+        steps = a.steps or DEFAULT_STEPS[size]
+        rows += measure(size, a.presets, steps, a.warmup, a.kind, a.rounds or len(a.presets) + 1)
+        print(f"# {size}: {rows[-1]['wall']:.0f}s, {C.load_average()}", flush=True)
+    headers = ["model", "params", "preset", "steps", "bare ms/step", "protected ms/step",
+               "ratio (median of pairs)", "95% CI", "ratio (total time)", "snapshot every", "copy ms"]
+    print(C.table(headers, [[r["model"], r["params"], r["preset"], r["steps"], r["bare_ms"], r["prot_ms"],
+                             f"{r['ratio']:.3f}", f"{r['lo']:.3f}-{r['hi']:.3f}", f"{r['total']:.3f}",
+                             r["interval"], r["copy_ms"]] for r in rows]))
+    ok = True
+    for r in rows:
+        if r["preset"] == "default":
+            good = r["ratio"] <= TARGET
+            ok &= good
+            print(f"default preset, {r['model']}: ratio {r['ratio']:.3f} (target <= {TARGET}): "
+                  f"{'ok' if good else 'ABOVE TARGET'}")
+        if r["events"]:
+            print(f"note: {r['preset']} on {r['model']} recorded {r['events']} event(s) on a clean run")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The benchmark scripts still run end to end (tiny model, a few steps) and print their tables.
+Nothing about time is asserted: the numbers come from `python benchmarks/<name>.py` on a quiet machine."""
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def _bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    yield
+    for name in ("overhead", "recovery", "peers", "profile_hooks", "_common"):
+        sys.modules.pop(name, None)
+
+
+def test_overhead_runs_interleaved_and_prints_the_ratio(capsys):
+    import overhead
+
+    overhead.main(["--sizes", "tiny", "--presets", "default", "--steps", "24", "--warmup", "2", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert "| tiny" in out and "default preset, tiny: ratio" in out
+
+
+def test_turns_alternate_strictly():
+    import _common as C
+
+    turns = C.Turns(["a", "b"])
+    order = []
+
+    def runner(name):
+        def go():
+            cb = C.TurnCallback(turns, name)
+            for _ in range(5):
+                cb.on_step_begin(None, None, None)
+                order.append(name)
+            turns.finish(name)
+        return go
+
+    errors = C.run_interleaved(turns, {"a": runner("a"), "b": runner("b")}, main="b")
+    assert not errors
+    assert order == ["a", "b"] * 5
+    assert len(turns.times["a"]) == len(turns.times["b"]) == 4
+
+
+def test_recovery_compares_in_memory_rollback_with_disk_resume(capsys):
+    import recovery
+
+    recovery.main(["--size", "tiny", "--faults", "nan_weight", "--fault-step", "19", "--interval", "5",
+                   "--extra-steps", "2"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| nan_weight"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "weight_corruption" and cells[2] == "rollback"
+    assert cells[3] == "3" and cells[5] == "3"  # rolled back to the snapshot, resumed from checkpoint-15
+
+
+def test_peers_runs_without_the_optional_peers(capsys):
+    import peers
+
+    peers.main(["--methods", "bare", "sh_default", "--faults", "nan_loss", "--steps", "20", "--fault-step", "12",
+                "--no-overhead"])
+    out = capsys.readouterr().out
+    assert "| nan_loss" in out and "NaN weights x" in out  # the bare Trainer dies, self-healing does not
+    row = next(line for line in out.splitlines() if line.startswith("| self-healing default"))
+    assert [c.strip() for c in row.strip("|").split("|")][1] == "1/1"  # survived
+
+
+def test_profile_hooks_prints_where_the_time_goes(capsys):
+    import profile_hooks
+
+    profile_hooks.main(["--size", "tiny", "--steps", "12"])
+    out = capsys.readouterr().out
+    assert "callback.on_pre_optimizer_step" in out and "ring.capture" in out
