@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                       _num(C.median(tails)) if tails else "n/a", _num(max(tails)) if tails else "n/a",
                       f"{ratios[m]:.3f}" if m in ratios else "n/a"])
     print("\nSummary:")
-    print(C.table(["method", "survived (finite, all steps)", f"recovered (and tail <= {RECOVERED_TAIL}x clean)",
+    print(C.table(["method", "finished, weights finite", f"recovered (and tail <= {RECOVERED_TAIL}x clean)",
                    "median tail / clean", "worst tail / clean", "step time vs bare (median of pairs)"], srows))
     print("(dead: the run ended with NaN/Inf weights)")
     crashes = [(m, f, results[m][f]["crashed"]) for m in a.methods for f in results[m] if results[m][f]["crashed"]]

@@ -39,7 +39,7 @@ from .distributed import (EXCEPTION_CODES, CODE_KINDS, RankFailure, agree_max, c
 from .healing import (HealingPolicy, restore_scheduled_lr, scale_lr, scheduled_lrs, skip_update,
                       tighten_clipping)
 from .postmortem import PostmortemRecorder
-from .snapshot import SnapshotError, SnapshotRing, state_report, unwrap_optimizer
+from .snapshot import SnapshotError, SnapshotRing, interval_on_ladder, state_report, unwrap_optimizer
 from .monitors import monitors_for
 from .tracking import make_tracker
 from .journal import make_journal_callback
@@ -789,15 +789,18 @@ class SelfHealingCallback(TrainerCallback):
         return snap
 
     def _tune_snapshot_interval(self, copy_seconds: float) -> None:
-        """Pick the interval that keeps snapshot cost under `snapshot_budget` of step time."""
+        """Pick the interval that keeps snapshot cost under `snapshot_budget` of step time, on a
+        ladder of the integrity-check interval times 2**k (`snapshot.interval_on_ladder`): a noisy
+        cost estimate cannot make snapshots bunch up, and they share the integrity pass."""
         if len(self._step_times) < 3:
             return
         step_time = statistics.median(self._step_times)
         if step_time <= 0:
             return
-        interval = math.ceil(copy_seconds / (self.config.snapshot_budget * step_time))
+        need = math.ceil(copy_seconds / (self.config.snapshot_budget * step_time))
+        interval = interval_on_ladder(need, self.config.integrity_check_every_steps)
         # every rank must snapshot (and gather its integrity check) at the same steps
-        self.snapshot_interval = int(agree_max(min(max(interval, 5), 1000)))
+        self.snapshot_interval = int(agree_max(interval))
 
     def _apply_persisted_lr_scale(self) -> None:
         """After a disk resume the scheduler comes back with the LR of the checkpoint; an LR cut

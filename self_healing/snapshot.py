@@ -157,6 +157,28 @@ def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s.detach(), non_blocking=True)
 
 
+def interval_on_ladder(need: int, check_every: int, lo: int = 5, hi: int = 1000) -> int:
+    """The snapshot interval for an automatic schedule: the smallest rung >= `need` of a ladder
+    made of the integrity-check interval times 2**k (and its halvings down to `lo`), within
+    [lo, hi]. Each rung divides the next, so changing rungs never brings the next snapshot (the
+    next multiple of the interval) closer than the smaller rung; and from `check_every` up,
+    every snapshot falls on an integrity check and shares its pass instead of paying its own."""
+    rungs: set[int] = set()
+    r = max(int(check_every), 1)
+    while r <= hi:
+        rungs.add(r)
+        r *= 2
+    r = max(int(check_every), 1)
+    while r % 2 == 0 and r // 2 >= lo:
+        r //= 2
+        rungs.add(r)
+    ladder = sorted(x for x in rungs if lo <= x <= hi) or [min(max(lo, int(check_every)), hi)]
+    for x in ladder:
+        if x >= need:
+            return x
+    return ladder[-1]
+
+
 Spec = tuple[tuple[int, ...], torch.dtype]
 
 _ALIGN = 64

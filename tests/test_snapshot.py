@@ -265,8 +265,20 @@ def test_auto_interval_keeps_the_snapshot_under_its_budget():
     assert cb.snapshot_interval == 10
     cb._tune_snapshot_interval(0.0001)
     assert cb.snapshot_interval == 5  # never more often than every 5 steps
+    cb._tune_snapshot_interval(0.013)  # 13 steps would do: the next rung up, on an integrity check
+    assert cb.snapshot_interval == 20
     cb._tune_snapshot_interval(100.0)
-    assert cb.snapshot_interval == 1000
+    assert cb.snapshot_interval == 640  # the top rung under 1000
+
+
+def test_interval_ladder_rungs_divide_each_other():
+    from self_healing.snapshot import interval_on_ladder
+
+    assert [interval_on_ladder(n, 10) for n in (1, 5, 6, 10, 11, 21, 700)] == [5, 5, 10, 10, 20, 40, 640]
+    assert [interval_on_ladder(n, 5) for n in (1, 6, 11)] == [5, 10, 20]
+    assert interval_on_ladder(3, 1) == 8 and interval_on_ladder(1, 7) == 7
+    rungs = sorted({interval_on_ladder(n, 10) for n in range(1, 2000)})
+    assert all(b % a == 0 for a, b in zip(rungs, rungs[1:]))
 
 
 def _run(tmp_path, name, config, *faults, steps=40):
