@@ -10,10 +10,8 @@ it with `from_pretrained` and trains on the GPU in bf16 when there is one.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +37,16 @@ def parse_args(name: str, doc: str | None, argv: list[str] | None = None, **extr
     args.offline = args.model is None
     if args.max_steps is None:
         args.max_steps = 30 if args.offline else 200
-    quiet()
+    quiet(args.offline)
     return args
 
 
-def quiet() -> None:
-    """Keep the examples' output to the training logs and what self-healing says."""
-    if os.environ.get("SELF_HEALING_EXAMPLES_VERBOSE"):
-        return
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+def quiet(offline: bool = True) -> None:
+    """The demo's quiet output, unless SELF_HEALING_EXAMPLES_VERBOSE is set."""
+    if not os.environ.get("SELF_HEALING_EXAMPLES_VERBOSE"):
+        from self_healing.cli import quiet as _quiet
 
-    transformers.logging.set_verbosity_error()
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        _quiet(offline)
 
 
 def model_and_tokenizer(args: argparse.Namespace, seed_offset: int = 0):

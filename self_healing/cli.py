@@ -37,9 +37,11 @@ def _exception_fault(name: str, step: int, trainer):
         "The size of tensor a (64) must match the size of tensor b (65) at non-singleton dimension 1"))
 
 
-def _quiet() -> None:
+def quiet(offline: bool = True) -> None:
+    """Keep a demo's or an example's output to the training logs and what self-healing says."""
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
@@ -54,7 +56,7 @@ def _quiet() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _quiet()
+    quiet()
     from . import HealingConfig, SelfHealingTrainer
     from .faults import Fault, inject_faults
     from .tiny import build_trainer

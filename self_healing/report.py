@@ -17,11 +17,13 @@ there are few enough to read.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .io import atomic_write_bytes
 from .postmortem import format_postmortem, group_events, headline
 
 # category -> (colour, legend label); the first category whose action an event took wins
@@ -217,8 +219,9 @@ def plot_postmortem(pm: dict[str, Any], path: str | Path, title: str | None = No
         fig.text(0.01, 1 - 0.34 / height, "\n".join(facts), fontsize=8.5, color="#444444", ha="left", va="top",
                  linespacing=1.3)
     fig.subplots_adjust(left=0.08, right=0.98, top=top, bottom=0.08)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())  # a killed `report --plot` never leaves a torn PNG
     return info
 
 
