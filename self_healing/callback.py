@@ -147,6 +147,24 @@ class GuardedCollator:
         return getattr(self.collate, name)
 
 
+
+def _measure_grad_norm(accelerator, model) -> torch.Tensor | None:
+    """The pre-clip gradient norm without touching the gradients.
+
+    Plain and DDP gradients (identical on every rank after the all-reduce) are measured with one
+    fused norm, after accelerate's fp16 unscale; `clip_grad_norm_(inf)` would add a x1.0 pass over
+    every gradient. Sharded (FSDP, DTensor) and DeepSpeed gradients need the engine's own global
+    norm, so they keep that call."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+        if hasattr(torch.nn.utils, "get_total_norm") and not (dtensor and any(isinstance(g, dtensor) for g in grads)):
+            accelerator.unscale_gradients()
+            return torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
+    return accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+
 class SelfHealingCallback(TrainerCallback):
     """Per-step detection and in-loop healing. Use through `SelfHealingTrainer`, or alone with
     `SelfHealingCallback(config).attach(trainer)` (then it writes the postmortem at train end)."""
@@ -396,10 +414,10 @@ class SelfHealingCallback(TrainerCallback):
         trainer = self.trainer
 
         def _clip_grad_norm(model, *args, **kwargs):
-            # Measure only, with the Trainer's own pass: a fixed max_grad_norm clipping first would
-            # hide the spike ZClip is there to see. ZClip clips in on_pre_optimizer_step, once the
-            # step's (loss, norm) have reached the host in the step's single sync.
-            return trainer.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+            # Measure only: a fixed max_grad_norm clipping first would hide the spike ZClip is there
+            # to see. ZClip clips in on_pre_optimizer_step, once the step's (loss, norm) have reached
+            # the host in the step's single sync.
+            return _measure_grad_norm(trainer.accelerator, model)
 
         return _clip_grad_norm
 
