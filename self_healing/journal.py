@@ -11,8 +11,9 @@ SIGKILL, the kernel OOM killer, a segfault or a power cut give the process no ch
   process being killed (only a power cut can lose the last few steps);
 - `metrics` at each Trainer log (not fsynced);
 - decisions, **flushed and fsynced** as they happen: `event` (a detection and what was done:
-  skip, rollback, LR/batch change, give up...), `snapshot` (an in-memory rollback target taken),
-  `checkpoint` (the Trainer saved one), `resume` (training re-entered after a healed exception);
+  skip, rollback, LR/batch change, give up...), `checkpoint` (the Trainer saved one), `resume`
+  (training re-entered after a healed exception); `snapshot` (a rollback target taken) is written
+  at once but fsynced only when spilled to disk: an in-memory one is lost in a power cut anyway;
 - `close` (exit reason, last step), fsynced, when the run ends in any way the process sees.
 
 A journal without `close` means the process died. The next `SelfHealingTrainer.train()` in the same
@@ -333,13 +334,14 @@ class CrashJournal:
         self.state.apply(rec)
         self._write(_line(rec), sync=False)
 
-    def decision(self, kind: str, **fields: Any) -> None:
-        """A decision (`event`, `snapshot`, `checkpoint`, `resume`): written and fsynced now."""
+    def decision(self, kind: str, *, sync: bool = True, **fields: Any) -> None:
+        """A decision (`event`, `snapshot`, `checkpoint`, `resume`): written now, and fsynced unless
+        `sync=False` (a mark whose subject would not survive a power cut either)."""
         if self._fd is None:
             return
         rec = _bounded(redact(json_safe({"kind": kind, "time": time.time(), **fields})))
         self.state.apply(rec)
-        self._write(_line(rec), sync=True)
+        self._write(_line(rec), sync=sync)
 
     def close(self, exit_reason: str, last_step: int | None = None, **fields: Any) -> None:
         if self._fd is None:
@@ -636,7 +638,9 @@ class JournalHooks:
         if self.journal is not None:
             verified = self.cb.ring.latest_verified()
             spilled = getattr(snapshot, "path", None)
-            self._guard(lambda: self.journal.decision("snapshot", step=step,
+            # An in-memory snapshot dies with the machine, so its mark needs no fsync (1-4 ms each,
+            # which set the auto interval); the write alone survives a killed process.
+            self._guard(lambda: self.journal.decision("snapshot", sync=spilled is not None, step=step,
                                                       verified_step=verified.step if verified else None,
                                                       **({"spilled_to": str(spilled)} if spilled else {})))
 
