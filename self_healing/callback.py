@@ -405,7 +405,8 @@ class SelfHealingCallback(TrainerCallback):
     def _make_get_grad_norm(self, orig):
         def _get_grad_norm(model, grad_norm=None, *args, **kwargs):
             out = orig(model, grad_norm, *args, **kwargs)
-            self._grad_norm = out
+            # FSDP2's norm is a replicated DTensor: the plain value for our stack/gather
+            self._grad_norm = out.full_tensor() if hasattr(out, "full_tensor") else out
             return out
 
         return _get_grad_norm
@@ -613,16 +614,23 @@ class SelfHealingCallback(TrainerCallback):
 
     def _check_state(self, step: int) -> tuple[StateReport, Detection | None]:
         """This rank's state report, and the first rank's verdict that is bad (one gather when
-        distributed, so a corruption on any rank is seen by all)."""
+        distributed, so a corruption on any rank is seen by all). Each rank's numbers travel with
+        its own reference: under FSDP a rank's norms are of its shard, comparable only with the
+        reference of that same shard; every rank then judges the same rows the same way."""
         report = state_report(self.model, self.optimizer, step)
+        ref = self._ref_report
         if not is_distributed():
-            return report, compare_state(report, self._ref_report, self.config.weight_growth_factor)
+            return report, compare_state(report, ref, self.config.weight_growth_factor)
         keys = sorted(report.optimizer_norms)
-        vec = torch.tensor([report.weight_norm] + [report.optimizer_norms[k] for k in keys], dtype=torch.float32,
-                           device=self.trainer.args.device)
+        n, nan = 1 + len(keys), float("nan")
+        ref_vals = [ref.weight_norm] + [ref.optimizer_norms.get(k, nan) for k in keys] if ref else [nan] * n
+        vec = torch.tensor([report.weight_norm] + [report.optimizer_norms[k] for k in keys] + ref_vals
+                           + [float(ref.step) if ref else -1.0], dtype=torch.float64, device=self.trainer.args.device)
         for r, row in enumerate(gather_rows(vec).tolist()):
-            rep = StateReport(row[0], dict(zip(keys, row[1:])), report.beta2, step)
-            bad = compare_state(rep, self._ref_report, self.config.weight_growth_factor)
+            rep = StateReport(row[0], dict(zip(keys, row[1:n])), report.beta2, step)
+            ref_r = None if row[-1] < 0 else StateReport(
+                row[n], {k: v for k, v in zip(keys, row[n + 1:2 * n]) if not math.isnan(v)}, report.beta2, int(row[-1]))
+            bad = compare_state(rep, ref_r, self.config.weight_growth_factor)
             if bad is not None:
                 bad.evidence["rank"] = r
                 return report, bad

@@ -10,6 +10,7 @@ plugin's auto-resume then picks the run up from the newest verified checkpoint.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -19,6 +20,28 @@ from .diagnosis import FailureKind
 # Exception codes carried in the per-step gather; a larger code is the more severe.
 EXCEPTION_CODES = {None: 0, FailureKind.NAN_LOSS: 1, FailureKind.DATA_ERROR: 2, FailureKind.OOM: 3}
 CODE_KINDS = {v: k for k, v in EXCEPTION_CODES.items()}
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2, tensor parallel), sharing its storage; any other
+    tensor itself. Under sharding the plugin snapshots, checks and restores what each rank holds,
+    so nothing is gathered and a rank's host memory holds only its shard."""
+    mod = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless this was imported
+    dtensor = getattr(mod, "DTensor", None)
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP2 leaves the root module's parameters unsharded after a forward outside backward (an
+    evaluation, a probe); put every module back in its sharded state so what a snapshot copies
+    and restores is always the shard."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is None:
+        return
+    for m in model.modules():
+        if isinstance(m, fsdp_module):
+            m.reshard()
 
 
 def is_distributed() -> bool:

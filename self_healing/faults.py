@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 from transformers import TrainerCallback
 
+from .distributed import local_tensor
 from .snapshot import unwrap_optimizer
 
 FAULT_KINDS = ("nan_loss", "inf_loss", "nan_grad", "grad_scale", "nan_weight", "weight_scale", "zero_exp_avg_sq",
@@ -147,9 +148,9 @@ class FaultInjector(TrainerCallback):
                     if f.kind == "nan_grad":
                         name, p = _pick_param(trainer.model, f.param)
                         if p.grad is not None:
-                            p.grad.fill_(float("nan"))
+                            local_tensor(p.grad).fill_(float("nan"))
                     else:
-                        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+                        grads = [local_tensor(p.grad) for p in trainer.model.parameters() if p.grad is not None]
                         torch._foreach_mul_(grads, f.factor)
                 injector._fire(f)
             return loss
@@ -183,10 +184,10 @@ class FaultInjector(TrainerCallback):
             with torch.no_grad():
                 if f.kind == "nan_weight":
                     name, p = _pick_param(self.trainer.model, f.param)
-                    p.fill_(float("nan"))
+                    local_tensor(p).fill_(float("nan"))  # under FSDP2: this rank's shard
                     self._fire(f, param=name)
                 elif f.kind == "weight_scale":
-                    ps = [p for n, p in self.trainer.model.named_parameters()
+                    ps = [local_tensor(p) for n, p in self.trainer.model.named_parameters()
                           if p.requires_grad and (f.param is None or f.param in n)]
                     torch._foreach_mul_(ps, f.factor)
                     self._fire(f)
@@ -194,14 +195,14 @@ class FaultInjector(TrainerCallback):
                     opt = unwrap_optimizer(self.trainer.optimizer)
                     for st in opt.state.values():
                         if "exp_avg_sq" in st:
-                            st["exp_avg_sq"].zero_()
+                            local_tensor(st["exp_avg_sq"]).zero_()
                     self._fire(f)
                 elif f.kind == "lr_scale":
                     for g in unwrap_optimizer(self.trainer.optimizer).param_groups:
                         g["lr"] = g["lr"] * f.factor
                     self._fire(f)
                 elif f.kind == "weight_drift":
-                    torch._foreach_mul_([p for n, p in self.trainer.model.named_parameters()
+                    torch._foreach_mul_([local_tensor(p) for n, p in self.trainer.model.named_parameters()
                                          if p.requires_grad and (f.param is None or f.param in n)], f.factor)
                     self._fire(f)
                 elif f.kind == "lr_ramp":

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .detectors import StateReport
+from .distributed import local_tensor, reshard
 
 
 class SnapshotError(RuntimeError):
@@ -57,25 +58,28 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Parameters then floating buffers, deduplicated (tied weights appear once)."""
+    """Parameters then floating buffers, deduplicated (tied weights appear once), as this rank's
+    local tensors (shards under FSDP2)."""
+    reshard(model)
     seen: set[int] = set()
     out: list[torch.Tensor] = []
     for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
         if id(t) not in seen:
             seen.add(id(t))
-            out.append(t)
+            out.append(local_tensor(t))
     return out
 
 
 def optimizer_state_tensors(optimizer: Any) -> dict[str, list[torch.Tensor]]:
-    """Per state key (`exp_avg`, `exp_avg_sq`, ...), the tensors of every parameter, in param order."""
+    """Per state key (`exp_avg`, `exp_avg_sq`, ...), the (local) tensors of every parameter, in
+    param order."""
     opt = unwrap_optimizer(optimizer)
     out: dict[str, list[torch.Tensor]] = {}
     for group in opt.param_groups:
         for p in group["params"]:
             for k, v in opt.state.get(p, {}).items():
                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
-                    out.setdefault(k, []).append(v)
+                    out.setdefault(k, []).append(local_tensor(v))
     return out
 
 
@@ -98,7 +102,7 @@ def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateRepo
     t0 = time.perf_counter()
     norms: list[torch.Tensor] = []
     keys: list[str] = []
-    w = _global_norm([p for p in model.parameters()])
+    w = _global_norm([local_tensor(p) for p in model.parameters()])  # under FSDP2: this rank's shard
     norms.append(w if w is not None else torch.zeros(()))
     beta2 = None
     if optimizer is not None:
@@ -352,6 +356,18 @@ class _SpilledReader:
 
 
 # ------------------------------------------------------------------------------------------------
+def _like_param(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A state tensor for parameter `p` from a snapshot's copy `v` of its local part: on `p`'s
+    device, and a DTensor laid out like `p` when `p` is one (as the optimizer would create it)."""
+    local = local_tensor(p)
+    out = v.to(local.device, copy=True)
+    if local is not p:
+        from torch.distributed.tensor import DTensor
+
+        out = DTensor.from_local(out, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return out
+
+
 class SnapshotRing:
     """The last `keep` snapshots; the oldest one's buffer is reused for the next capture.
 
@@ -389,7 +405,7 @@ class SnapshotRing:
                     for k, v in opt.state.get(p, {}).items():
                         if isinstance(v, torch.Tensor):
                             entry[k] = len(src)
-                            src.append(v)
+                            src.append(local_tensor(v))
                         else:
                             entry[k] = _Value(copy.deepcopy(v))
                     layout.append(entry)
@@ -492,11 +508,13 @@ class SnapshotRing:
                         v = get(v.index)
                     if isinstance(v, torch.Tensor):
                         t = cur.get(k)
-                        if isinstance(t, torch.Tensor) and t.shape == v.shape and t.dtype == v.dtype:
-                            t.copy_(v, non_blocking=True)
+                        t_local = local_tensor(t) if isinstance(t, torch.Tensor) else None
+                        if t_local is not None and t_local.shape == v.shape and t_local.dtype == v.dtype:
+                            t_local.copy_(v, non_blocking=True)
+                        elif v.dim() > 0:
+                            cur[k] = _like_param(p, v)
                         else:
-                            dev = p.device if v.dim() > 0 else v.device
-                            cur[k] = v.to(dev, copy=True)
+                            cur[k] = v.clone()
                     else:
                         cur[k] = copy.deepcopy(v)
 

@@ -261,4 +261,6 @@ def tail_loss(trainer, n: int = 10) -> float:
 
 
 def weights_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    from .distributed import local_tensor
+
+    return all(bool(torch.isfinite(local_tensor(p)).all()) for p in model.parameters())  # this rank's shards

@@ -28,6 +28,8 @@ from typing import Any, Iterable
 
 import torch
 
+from .distributed import local_tensor
+
 TRAINER_STATE_KEY = "SelfHealingZClip"
 """Key under `TrainerState.stateful_callbacks`: the Trainer writes that dict into every
 checkpoint's `trainer_state.json` and reads it back on `resume_from_checkpoint`."""
@@ -204,7 +206,7 @@ def scale_gradients(parameters: Iterable[torch.nn.Parameter], coefficient: float
     """Multiply every gradient in place (one fused kernel per device/dtype group)."""
     if coefficient >= 1.0 or not math.isfinite(coefficient):
         return
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [local_tensor(p.grad) for p in parameters if p.grad is not None]
     if grads:
         torch._foreach_mul_(grads, coefficient)
 
