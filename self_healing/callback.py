@@ -35,7 +35,7 @@ from .config import HealingConfig
 from .detectors import Detection, StateReport, StepMonitor, StepSignals, compare_state
 from .diagnosis import Action, Diagnosis, FailureKind, diagnose, diagnose_exception, diagnose_state
 from .distributed import (EXCEPTION_CODES, CODE_KINDS, RankFailure, agree_max, combine_losses, gather_rows,
-                          is_distributed, per_rank_view)
+                          is_distributed, per_rank_view, recover_fsdp_iteration)
 from .healing import (HealingPolicy, restore_scheduled_lr, scale_lr, scheduled_lrs, skip_update,
                       tighten_clipping)
 from .postmortem import PostmortemRecorder
@@ -71,6 +71,22 @@ def free_memory(model: Any = None) -> None:
         torch.cuda.empty_cache()
     if hasattr(torch, "mps") and torch.backends.mps.is_available():
         torch.mps.empty_cache()
+
+
+def _raised_inside(exc: BaseException, path_part: str, function: str | None = None) -> bool:
+    """Whether `exc` was raised below a frame of a file whose path contains `path_part` (and, if
+    given, of that function): where in the step a failure happened decides what was issued."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if path_part in code.co_filename.replace("\\", "/") and (function is None or code.co_name == function):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _is_fsdp(trainer: Any) -> bool:
+    return str(getattr(getattr(trainer, "accelerator", None), "distributed_type", "")).endswith("FSDP")
 
 
 def _first_row(inputs: Any) -> Any:
@@ -158,10 +174,11 @@ def _measure_grad_norm(accelerator, model) -> torch.Tensor | None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
         dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-        if hasattr(torch.nn.utils, "get_total_norm") and not (dtensor and any(isinstance(g, dtensor) for g in grads)):
+        has_dtensor = dtensor is not None and any(isinstance(p.grad, dtensor) for p in model.parameters())
+        if hasattr(torch.nn.utils, "get_total_norm") and not has_dtensor:
             accelerator.unscale_gradients()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]  # after: unscale may replace them
             return torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
     return accelerator.clip_grad_norm_(model.parameters(), float("inf"))
 
@@ -303,6 +320,7 @@ class SelfHealingCallback(TrainerCallback):
                         retries += 1  # a reward model behind an API, a streamed shard: wait and retry
                         self._backoff(retries, d)
                         continue
+                    recover_fsdp_iteration(self.model)
                     if d.failure == FailureKind.OOM:
                         free_memory(self.model)
                     distributed = is_distributed()
@@ -395,7 +413,24 @@ class SelfHealingCallback(TrainerCallback):
         (TRL's token counts and metrics). Run the trainer's own step once more on a single row, so
         this rank issues the same collectives and nobody hangs; the agreed decision then drops the
         step on every rank. If even that fails, the collective timeout (`ddp_timeout`) ends the
-        ranks and the launcher's restart plus auto-resume take over."""
+        ranks and the launcher's restart plus auto-resume take over.
+
+        Where the failed attempt already issued some of the step's collectives, the re-run must not
+        issue them again: DDP broadcasts its buffers at the start of every forward, so after a
+        failure inside the model the re-run skips that broadcast. FSDP all-gathers layer by layer
+        inside the forward; how many the failed attempt issued is unknowable, so there it stops
+        with a clear error instead of pairing mismatched collectives (which can hang, or on NCCL
+        silently mix data)."""
+        if _raised_inside(exc, "torch/distributed/fsdp/") or (
+                _raised_inside(exc, "torch/nn/modules/module.py") and _is_fsdp(self.trainer)):
+            raise RuntimeError(
+                f"rank {self.trainer.args.process_index}: {type(exc).__name__} inside the FSDP model's forward/backward; "
+                "the ranks' collectives cannot be re-aligned, so this rank stops (the others stop at the collective "
+                "timeout). Relaunch with `torchrun --max-restarts N`: auto-resume continues from the newest verified "
+                "checkpoint") from exc
+        ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+        if ddp is not None and _raised_inside(exc, "torch/nn/parallel/distributed.py", "_run_ddp_forward"):
+            ddp.require_forward_param_sync = False  # the failed forward already broadcast the buffers
         try:
             free_memory(model)
             orig(model, _first_row(inputs), num_items)
@@ -459,7 +494,8 @@ class SelfHealingCallback(TrainerCallback):
         if self.zclip is not None and state.global_step > 0 and load_from_trainer_state(self.zclip, state):
             logger.info("self-healing: ZClip statistics restored from the checkpoint (step %s)", state.global_step)
         report = state_report(self.model, self.optimizer, state.global_step)
-        if report.weights_finite and report.optimizer_finite:
+        # every rank must agree (under FSDP each sees only its shard): a capture may hold a collective
+        if agree_max(0.0 if report.weights_finite and report.optimizer_finite else 1.0) == 0.0:
             self._ref_report = report
             if self.ring.latest_verified() is None:
                 snap = self._capture(state.global_step, report)

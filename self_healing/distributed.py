@@ -44,6 +44,22 @@ def reshard(model: torch.nn.Module) -> None:
             m.reshard()
 
 
+def recover_fsdp_iteration(model: torch.nn.Module) -> None:
+    """After an exception aborted a forward or backward under FSDP2: reset its per-iteration state
+    (the root's parameters would otherwise stay unsharded and its next forward confused), so the
+    rank can run the next step and its snapshots still match. A no-op without FSDP2."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is None or not isinstance(model, fsdp_module):
+        return
+    if hasattr(model, "reset_iter_state"):  # torch >= 2.13: the supported recovery
+        try:
+            model.reset_iter_state()
+        except RuntimeError:  # not the root module: the reshard below is all we can do
+            pass
+    reshard(model)
+
+
 def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
         torch.distributed.get_world_size() > 1

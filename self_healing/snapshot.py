@@ -102,6 +102,7 @@ def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateRepo
     t0 = time.perf_counter()
     norms: list[torch.Tensor] = []
     keys: list[str] = []
+    reshard(model)
     w = _global_norm([local_tensor(p) for p in model.parameters()])  # under FSDP2: this rank's shard
     norms.append(w if w is not None else torch.zeros(()))
     beta2 = None

@@ -29,7 +29,7 @@ from .checkpoints import free_disk_space, latest_verified_checkpoint, verify_che
 from .config import HealingConfig
 from .detectors import compare_state
 from .diagnosis import Action, Diagnosis, FailureKind, diagnose_exception
-from .distributed import RankFailure
+from .distributed import RankFailure, recover_fsdp_iteration
 from .postmortem import load_postmortem
 from .snapshot import _rng_state, _set_rng_state, state_report
 
@@ -124,10 +124,14 @@ class SelfHealingTrainer:
         cb, t = self.callback, self.trainer
         phase, cb.exception_phase, cb.phase = cb.exception_phase or "train", None, "train"
         step = getattr(t.state, "global_step", 0)
+        recover_fsdp_iteration(t.model)
         state_det = None
         if t.optimizer is not None:
-            state_det = compare_state(state_report(t.model, t.optimizer, step), cb._ref_report,
-                                      self.config.weight_growth_factor)
+            if isinstance(exc, RankFailure):  # every rank is here together: judge every rank's state (shard)
+                state_det = cb._check_state(step)[1]
+            else:
+                state_det = compare_state(state_report(t.model, t.optimizer, step), cb._ref_report,
+                                          self.config.weight_growth_factor)
         d = diagnose_exception(exc, step=step + 1, state=state_det, phase=phase)
         if not d.healable:
             self.postmortem = cb.finish("exception", exception=exc, extra={"diagnosis": d.to_dict()})

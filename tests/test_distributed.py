@@ -32,7 +32,9 @@ def launch(tmp_path_factory):
     def run(fault: str, mode: str = "ddp"):
         if (fault, mode) not in _RUNS:
             _RUNS[fault, mode] = _launch(tmp_path_factory.mktemp(f"{fault}_{mode}"), fault, mode)
-        return _RUNS[fault, mode]
+        out = _RUNS[fault, mode]
+        assert not isinstance(out, subprocess.CompletedProcess), out.stderr[-3000:]
+        return out
 
     yield run
     _RUNS.clear()
@@ -45,7 +47,8 @@ def _launch(out, fault, mode):
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the ranks hung with a fault '{fault}' on rank 1 ({mode})")
-    assert p.returncode == 0, p.stderr[-3000:]
+    if p.returncode != 0:
+        return p
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     pm = json.loads((out / "postmortem.json").read_text())
     assert not list(out.glob("postmortem*.json"))[1:], "only rank 0 writes the postmortem"
@@ -72,6 +75,25 @@ def test_oom_on_rank1_reduces_the_batch_on_both_ranks(launch):
     [ev] = pm["recovery_actions"]
     assert ev["failure"] == "oom" and ev["step"] == 25 and ev["evidence"]["ranks"] == [1]
     assert ev["details"]["batch"]["effective_batch"] == [4, 4]
+
+
+def test_oom_inside_the_forward_on_rank1_heals_under_ddp(launch):
+    """A real OOM comes from inside the model, after DDP's forward already broadcast its buffers:
+    the re-run that keeps rank 1 in step must not broadcast them again."""
+    ranks, pm, _ = launch("oom_forward")
+    for r in ranks:
+        assert (r["per_device_train_batch_size"], r["gradient_accumulation_steps"]) == (2, 2)
+    [ev] = pm["recovery_actions"]
+    assert ev["failure"] == "oom" and ev["step"] == 25 and ev["evidence"]["ranks"] == [1]
+
+
+def test_fsdp_exception_inside_the_forward_on_rank1_stops_loudly_not_silently(tmp_path):
+    """Under FSDP the forward all-gathers layer by layer, so a rank that failed half-way cannot be
+    put back in step: it must stop at once and say why (not hang, not pair mismatched collectives)."""
+    p = _launch(tmp_path, "oom_forward", "fsdp")
+    assert isinstance(p, subprocess.CompletedProcess) and p.returncode != 0
+    assert "inside the FSDP model's forward/backward; the ranks' collectives cannot be re-aligned" in p.stderr
+    assert "--max-restarts" in p.stderr
 
 
 def _close_to_ddp(weights, ddp_weights):

@@ -66,6 +66,13 @@ def main(output_dir: str, fault: str, max_steps: int, mode: str = "ddp") -> None
         inject_faults(tr, Fault("exception", step=25, duration=10**6, rank=1,
                                 exception=lambda: torch.OutOfMemoryError("CUDA out of memory (rank 1)"),
                                 when=lambda t, inputs: inputs["input_ids"].shape[0] > 2))
+    elif fault == "oom_forward":  # mid-forward, inside a sharded layer: FSDP is left mid-iteration
+        layer = tr.model.model.layers[1]
+
+        def hook(module, args):
+            if tr.args.process_index == 1 and tr.state.global_step + 1 >= 25 and args[0].shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (rank 1, in layer 1's forward)")
+        layer.register_forward_pre_hook(hook)
     sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5))
     sh.train()
     model = tr.model_wrapped
