@@ -208,6 +208,8 @@ class SelfHealingCallback(TrainerCallback):
         self._step_flagged = False
         self._last_step_end: float | None = None
         self._step_times: deque[float] = deque(maxlen=50)
+        self._log_window = [0, 0, 0.0]
+        """This logging window's (steps, finite steps, sum of finite losses), as judged."""
         self._orig_base_lrs: list[float] | None = None
         self._wrapped: dict[str, Any] = {}
         self.zclip = None
@@ -248,6 +250,7 @@ class SelfHealingCallback(TrainerCallback):
         if hasattr(trainer, "get_batch_samples") and hasattr(trainer, "_get_num_items_in_batch"):
             self._wrap("get_batch_samples", self._make_get_batch_samples)
         self._wrap("evaluate", self._make_phase("eval"))
+        self._wrap("log", self._make_log)
         if hasattr(trainer, "_save_checkpoint"):
             self._wrap("_save_checkpoint", self._make_phase("save"))
         if self.config.zclip_enabled:
@@ -437,6 +440,22 @@ class SelfHealingCallback(TrainerCallback):
         except Exception as e:  # noqa: BLE001 - nothing more can be done on this rank
             raise RuntimeError(f"rank could not join the step's collectives after {type(exc).__name__}: {e}") from exc
 
+    def _make_log(self, orig):
+        def log(logs, *args, **kwargs):
+            """The Trainer's logged loss over a window with a skipped non-finite step is fiction: its
+            NaN filter puts the window's running mean (0.0 when the window is that one step) in its
+            place. Log the mean of the window's finite losses instead, or no loss at all."""
+            if not self.passthrough and isinstance(logs, dict) and "loss" in logs:
+                (n, n_finite, total), self._log_window = self._log_window, [0, 0, 0.0]
+                if n_finite < n:
+                    if n_finite:
+                        logs["loss"] = total / n_finite
+                    else:
+                        logs.pop("loss")
+            return orig(logs, *args, **kwargs)
+
+        return log
+
     def _make_get_grad_norm(self, orig):
         def _get_grad_norm(model, grad_norm=None, *args, **kwargs):
             out = orig(model, grad_norm, *args, **kwargs)
@@ -484,6 +503,7 @@ class SelfHealingCallback(TrainerCallback):
         self.gave_up = False
         self.give_up_reason = None
         self._reset_step()
+        self._log_window = [0, 0, 0.0]  # the Trainer starts a new logging window too
         scaler = getattr(self.trainer.accelerator, "scaler", None)
         self.monitor.amp_scaler = scaler is not None
         self._apply_persisted_lr_scale()
@@ -511,6 +531,10 @@ class SelfHealingCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         step = state.global_step + 1
         signals = self._signals(step)
+        if isinstance(signals.loss, float):
+            finite = math.isfinite(signals.loss)
+            self._log_window = [self._log_window[0] + 1, self._log_window[1] + finite,
+                                self._log_window[2] + (signals.loss if finite else 0.0)]
         self.recorder.observe(step, signals.loss, signals.grad_norm, signals.lrs[0] if signals.lrs else None)
         info: dict[str, Any] = {"skipped": False}
         detections = self.monitor.check(signals)

@@ -48,3 +48,24 @@ def test_fault_heals(kind, fault, tmp_path, tmp_path_factory):
         # caught before the update: skipped, never rolled back, and the LR is left alone
         assert all(a["actions"][0] == "skip_step" for a in pm["recovery_actions"])
         assert pm["counters"]["rollbacks"] == 0 and pm["lr_scale"] == 1.0
+
+
+def test_a_skipped_nan_step_is_not_logged_as_a_loss_of_zero(tmp_path):
+    """The Trainer's NaN filter logs 0.0 for a one-step window whose loss was NaN (and a made-up
+    mean for longer windows): the skipped step is logged without a loss, and a longer window's loss
+    is the mean of its finite steps."""
+    from self_healing import HealingConfig, SelfHealingTrainer
+    from self_healing.faults import Fault, inject_faults
+
+    logged = {}
+    for every in (1, 5):
+        tr = build_trainer("sft", output_dir=str(tmp_path / str(every)), max_steps=15, logging_steps=every)
+        inject_faults(tr, Fault("nan_loss", step=10))
+        sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5))
+        sh.train()
+        logged[every] = {h["step"]: h.get("loss") for h in tr.state.log_history if "learning_rate" in h}
+        assert read_postmortem(sh)["counters"]["skipped_steps"] == 1
+    assert logged[1][10] is None and all(v is not None and v > 0 for s, v in logged[1].items() if s != 10)
+    # the 5-step window 6-10 is the mean of its finite steps 6-9, as the 1-step run logged them
+    assert logged[5][10] == pytest.approx(sum(logged[1][s] for s in (6, 7, 8, 9)) / 4, rel=1e-5)
+    assert logged[5][5] == pytest.approx(sum(logged[1][s] for s in range(1, 6)) / 5, rel=1e-5)

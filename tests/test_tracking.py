@@ -113,9 +113,11 @@ def test_healing_and_zclip_series_every_step(store):
 def test_same_step_axis_as_the_trainer(store):
     _, metrics, _ = store
     rows = metrics["r1"]
-    trainer_rows = [(step, m) for step, m in rows if "train/loss" in m]
+    trainer_rows = [(step, m) for step, m in rows if "train/learning_rate" in m]
     assert len(trainer_rows) == 24
     assert all(step == m["train/global_step"] for step, m in trainer_rows)
+    # the skipped NaN step is logged without a loss (the Trainer's NaN filter would plot 0.0 there)
+    assert [step for step, m in trainer_rows if "train/loss" not in m] == [12]
     assert sorted(step for step, m in rows if "eval/loss" in m) == [12, 24]  # evaluations too
     ours = series(rows, "healing/nan_count")
     assert set(ours) == {step for step, _ in trainer_rows}
