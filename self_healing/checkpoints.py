@@ -28,6 +28,11 @@ PLUGIN_DIR = "self-healing"
 """Where the plugin's own resume checkpoints live inside `output_dir`, apart from the user's."""
 _WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
+_FSDP_FULL = ("pytorch_model_fsdp.bin", "optimizer.bin")
+"""accelerate's FSDP FULL_STATE_DICT files (weights from rank 0, optimizer state)."""
+_FSDP_SHARDED = ("pytorch_model_fsdp_0", "optimizer_0")
+"""accelerate's FSDP SHARDED_STATE_DICT directories (torch.distributed.checkpoint: `.metadata` and
+one `*.distcp` per rank)."""
 _STEP_RE = re.compile(r"(?:checkpoint|resume-step)-(\d+)$")
 
 
@@ -54,22 +59,40 @@ def verify_checkpoint(path: str | os.PathLike, check_finite: bool = True) -> tup
     gs = ts.get("global_step") if isinstance(ts, dict) else None
     if not isinstance(gs, int) or isinstance(gs, bool) or gs < 0:
         return False, "trainer_state.json has no valid global_step (tampered or not a Trainer checkpoint)"
-    weights = [p / f for f in _WEIGHT_FILES if (p / f).is_file()]
-    if not weights:
-        return False, "no model weights file"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (p / name).is_file():
-            return False, f"no {name}"
-    if check_finite:
+    weights = [p / f for f in (*_WEIGHT_FILES, _FSDP_FULL[0]) if (p / f).is_file()]
+    sharded_model, sharded_opt = (_dcp_problem(p / d) for d in _FSDP_SHARDED)
+    if not weights and sharded_model is not None:
+        return False, "no model weights file" if sharded_model == "missing" else sharded_model
+    if not any((p / f).is_file() for f in ("optimizer.pt", _FSDP_FULL[1])) and sharded_opt is not None:
+        return False, "no optimizer.pt" if sharded_opt == "missing" else sharded_opt
+    if not (p / "scheduler.pt").is_file():
+        return False, "no scheduler.pt"
+    if check_finite and weights:  # a sharded FSDP checkpoint is checked for completeness only (see _dcp_problem)
         bad = _nonfinite_tensor(weights[0], p)
         if bad is not None:
             return False, bad
-    for f in [p / "optimizer.pt", p / "scheduler.pt", p / "scaler.pt", *sorted(p.glob("rng_state*.pth"))]:
+    for f in [p / "optimizer.pt", p / _FSDP_FULL[1], p / "scheduler.pt", p / "scaler.pt",
+              *sorted(p.glob("rng_state*.pth"))]:
         if f.is_file():
-            bad = _unsafe_or_nonfinite(f, check_finite=check_finite and f.name == "optimizer.pt")
+            bad = _unsafe_or_nonfinite(f, check_finite=check_finite and f.name.startswith("optimizer."))
             if bad is not None:
                 return False, bad
     return True, "ok"
+
+
+def _dcp_problem(d: Path) -> str | None:
+    """None when `d` is a complete torch.distributed.checkpoint directory, "missing" when absent,
+    else what is wrong. Completeness only: its `.metadata` is a pickle, which the plugin does not
+    unpickle (reading it is the resume's own business), so the shards' values are not checked."""
+    if not d.is_dir():
+        return "missing"
+    meta = d / ".metadata"
+    if not meta.is_file() or meta.stat().st_size == 0:
+        return f"{d.name}/.metadata is missing or empty (the sharded save did not finish)"
+    shards = list(d.glob("*.distcp"))
+    if not shards or any(s.stat().st_size == 0 for s in shards):
+        return f"{d.name} has no shard files, or an empty one (the sharded save did not finish)"
+    return None
 
 
 def _unsafe_or_nonfinite(f: Path, check_finite: bool) -> str | None:

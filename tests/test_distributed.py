@@ -4,6 +4,7 @@ fails the test. The same faults under FSDP2 (every parameter sharded across the 
 `scripts/ddp_run.py` for how the Trainer is made to shard on CPU) must heal the same way and end
 where the DDP run ends."""
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -40,11 +41,11 @@ def launch(tmp_path_factory):
     _RUNS.clear()
 
 
-def _launch(out, fault, mode):
+def _launch(out, fault, mode, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(SCRIPT), str(out), fault, "40", mode]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env})
     except subprocess.TimeoutExpired:
         pytest.fail(f"the ranks hung with a fault '{fault}' on rank 1 ({mode})")
     if p.returncode != 0:
@@ -131,3 +132,20 @@ def test_fsdp_oom_on_rank1_reduces_the_batch_on_both_ranks(launch):
     [ev] = pm["recovery_actions"]
     assert ev["failure"] == "oom" and ev["step"] == 25 and ev["evidence"]["ranks"] == [1]
     assert ev["details"]["batch"]["effective_batch"] == [4, 4]
+
+
+def test_fsdp_preemption_on_rank1_saves_a_sharded_checkpoint_and_the_same_command_resumes(launch, tmp_path):
+    """SIGTERM reaching rank 1 only: both ranks finish step 25, save a sharded (torch.distributed.
+    checkpoint) checkpoint and exit; the same launch again finds it verified, resumes, and ends
+    exactly where an uninterrupted run ends."""
+    env = dict(SAVE_STEPS="10", FSDP_STATE_DICT="SHARDED_STATE_DICT")
+    first = _launch(tmp_path, "sigterm", "fsdp", **env)
+    assert isinstance(first, subprocess.CompletedProcess) and first.returncode != 0
+    pm = json.loads((tmp_path / "postmortem.json").read_text())
+    assert (pm["exit_reason"], pm["last_step"]) == ("interrupted", 25)
+    assert (tmp_path / "checkpoint-25" / "pytorch_model_fsdp_0" / ".metadata").is_file()
+    ranks, pm, w = _launch(tmp_path, "none", "fsdp", **env)
+    assert pm["exit_reason"] == "completed"
+    for r in ranks:
+        assert r["resumed"]["from"].endswith("checkpoint-25") and r["resumed"]["previous_exit_reason"] == "interrupted"
+    assert torch.equal(w, launch("none", "fsdp")[2])

@@ -221,3 +221,43 @@ def test_pickle_payloads_never_reach_the_plugins_own_readers(tmp_path):
     with pytest.raises(ValueError, match="not valid YAML"):
         HealingConfig.from_preset(str(tmp_path / "p.yaml"))
     assert not (Path.cwd() / "pwned").exists()
+
+
+def _fsdp_checkpoint(d: Path, sharded: bool, opt_value: float = 0.5) -> Path:
+    """The files accelerate's FSDP save writes (names and formats; the values are made up)."""
+    d.mkdir(parents=True)
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    torch.save({"last_epoch": 10}, d / "scheduler.pt")
+    if sharded:  # torch.distributed.checkpoint directories: a .metadata and one .distcp per rank
+        for sub in ("pytorch_model_fsdp_0", "optimizer_0"):
+            (d / sub).mkdir()
+            (d / sub / ".metadata").write_bytes(b"metadata")
+            for r in (0, 1):
+                (d / sub / f"__{r}_0.distcp").write_bytes(b"shard")
+    else:
+        torch.save({"w": torch.ones(3)}, d / "pytorch_model_fsdp.bin")
+        torch.save({"state": {"w": {"exp_avg": torch.full((3,), opt_value)}}, "param_groups": []}, d / "optimizer.bin")
+    return d
+
+
+def test_fsdp_checkpoints_verify_and_are_never_freed_as_half_written(tmp_path):
+    """Without knowing FSDP's layouts every FSDP checkpoint looked incomplete: auto-resume ignored
+    them and an ENOSPC clean-up would have deleted them all."""
+    from self_healing.checkpoints import free_disk_space
+
+    full = _fsdp_checkpoint(tmp_path / "checkpoint-10", sharded=False)
+    sharded = _fsdp_checkpoint(tmp_path / "checkpoint-20", sharded=True)
+    assert verify_checkpoint(full) == (True, "ok") and verify_checkpoint(sharded) == (True, "ok")
+    assert latest_verified_checkpoint(tmp_path)[0] == sharded
+    assert free_disk_space(tmp_path) == [] and full.is_dir() and sharded.is_dir()
+
+    nan_opt = _fsdp_checkpoint(tmp_path / "bad" / "checkpoint-30", sharded=False, opt_value=float("nan"))
+    ok, why = verify_checkpoint(nan_opt)
+    assert not ok and "optimizer.bin" in why and "not finite" in why
+    (sharded / "optimizer_0" / ".metadata").unlink()
+    ok, why = verify_checkpoint(sharded)
+    assert not ok and "optimizer_0/.metadata" in why and "did not finish" in why
+    (sharded / "optimizer_0" / ".metadata").write_bytes(b"metadata")
+    (sharded / "pytorch_model_fsdp_0" / "__1_0.distcp").write_bytes(b"")
+    ok, why = verify_checkpoint(sharded)
+    assert not ok and "pytorch_model_fsdp_0" in why and "empty" in why

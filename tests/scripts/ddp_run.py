@@ -56,7 +56,10 @@ def main(output_dir: str, fault: str, max_steps: int, mode: str = "ddp") -> None
     if mode == "fsdp":
         keep_fsdp_on_cpu()
         extra = dict(use_cpu=True, fsdp="full_shard",
-                     fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+                     fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                  "state_dict_type": os.environ.get("FSDP_STATE_DICT", "FULL_STATE_DICT")})
+    if os.environ.get("SAVE_STEPS"):
+        extra.update(save_strategy="steps", save_steps=int(os.environ["SAVE_STEPS"]))
     tr = build_trainer("sft", output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=4, **extra)
     if fault == "nan":
         inject_faults(tr, Fault("nan_loss", step=25, rank=1))
@@ -66,6 +69,16 @@ def main(output_dir: str, fault: str, max_steps: int, mode: str = "ddp") -> None
         inject_faults(tr, Fault("exception", step=25, duration=10**6, rank=1,
                                 exception=lambda: torch.OutOfMemoryError("CUDA out of memory (rank 1)"),
                                 when=lambda t, inputs: inputs["input_ids"].shape[0] > 2))
+    elif fault == "sigterm":  # a preemption notice that reaches rank 1 only, during step 25
+        import signal
+
+        from transformers import TrainerCallback
+
+        class Preempt(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if args.process_index == 1 and state.global_step + 1 == 25:
+                    os.kill(os.getpid(), signal.SIGTERM)
+        tr.add_callback(Preempt())
     elif fault == "oom_forward":  # mid-forward, inside a sharded layer: FSDP is left mid-iteration
         layer = tr.model.model.layers[1]
 
@@ -87,7 +100,8 @@ def main(output_dir: str, fault: str, max_steps: int, mode: str = "ddp") -> None
         "sharded": any(isinstance(p, DTensor) for p in model.parameters()),
         "distributed_type": str(tr.accelerator.distributed_type),
         "per_device_train_batch_size": tr.args.per_device_train_batch_size,
-        "gradient_accumulation_steps": tr.args.gradient_accumulation_steps, "exit_reason": sh.exit_reason}))
+        "gradient_accumulation_steps": tr.args.gradient_accumulation_steps, "exit_reason": sh.exit_reason,
+        "resumed": sh.callback.recorder.extra.get("resumed")}))
     if mode == "fsdp":
         # torch's FSDP on gloo sometimes aborts in interpreter teardown after a finished run
         # ("terminate called without an active exception"); everything is written by now.
