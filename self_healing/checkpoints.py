@@ -247,7 +247,10 @@ def prune_resume_checkpoints(output_dir: str | os.PathLike, keep: Path) -> list[
 
 def free_disk_space(output_dir: str | os.PathLike, protect: Path | None = None) -> list[str]:
     """After ENOSPC: remove half-written checkpoints and the plugin's own older resume
-    checkpoints; never the newest verified checkpoint or `protect`."""
+    checkpoints; never the newest verified checkpoint or `protect`. A user's checkpoint counts as
+    half-written only when it has no `trainer_state.json` (the Trainer writes it last): one that is
+    complete but fails verification (a layout the plugin does not know, such as DeepSpeed's, or
+    non-finite values) is the user's to judge, not ours to delete."""
     removed: list[str] = []
     newest_good, _ = latest_verified_checkpoint(output_dir)
     keep = {p.resolve() for p in (newest_good, protect) if p is not None}
@@ -256,7 +259,7 @@ def free_disk_space(output_dir: str | os.PathLike, protect: Path | None = None) 
         if not p.is_dir() or p.resolve() in keep:
             continue
         ours = p.parent.name == PLUGIN_DIR
-        if ours or not verify_checkpoint(p, check_finite=False)[0]:
+        if ours or not (p / "trainer_state.json").is_file():
             shutil.rmtree(p, ignore_errors=True)
             removed.append(str(p))
     return removed

@@ -261,3 +261,19 @@ def test_fsdp_checkpoints_verify_and_are_never_freed_as_half_written(tmp_path):
     (sharded / "pytorch_model_fsdp_0" / "__1_0.distcp").write_bytes(b"")
     ok, why = verify_checkpoint(sharded)
     assert not ok and "pytorch_model_fsdp_0" in why and "empty" in why
+
+
+def test_disk_full_clean_up_deletes_only_what_the_trainer_never_finished(tmp_path):
+    """A complete checkpoint in a layout the plugin cannot verify (DeepSpeed's `global_step*/`) is
+    not deleted to free space; one without `trainer_state.json` (written last) is."""
+    from self_healing.checkpoints import free_disk_space
+
+    ds = tmp_path / "checkpoint-10"
+    (ds / "global_step10").mkdir(parents=True)
+    (ds / "global_step10" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    (ds / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    assert not verify_checkpoint(ds)[0]
+    torn = tmp_path / "checkpoint-20"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    assert free_disk_space(tmp_path) == [str(torn)] and ds.is_dir() and not torn.exists()
