@@ -35,7 +35,7 @@ from .config import HealingConfig
 from .detectors import Detection, StateReport, StepMonitor, StepSignals, compare_state
 from .diagnosis import Action, Diagnosis, FailureKind, diagnose, diagnose_exception, diagnose_state
 from .distributed import (EXCEPTION_CODES, CODE_KINDS, RankFailure, agree_max, combine_losses, gather_rows,
-                          is_distributed, per_rank_view, recover_fsdp_iteration)
+                          is_distributed, is_dtensor, per_rank_view, recover_fsdp_iteration)
 from .healing import (HealingPolicy, restore_scheduled_lr, scale_lr, scheduled_lrs, skip_update,
                       tighten_clipping)
 from .postmortem import PostmortemRecorder
@@ -85,8 +85,10 @@ def _raised_inside(exc: BaseException, path_part: str, function: str | None = No
     return False
 
 
-def _is_fsdp(trainer: Any) -> bool:
-    return str(getattr(getattr(trainer, "accelerator", None), "distributed_type", "")).endswith("FSDP")
+def _is_fsdp(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
 
 
 def _first_row(inputs: Any) -> Any:
@@ -174,9 +176,7 @@ def _measure_grad_norm(accelerator, model) -> torch.Tensor | None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
-        dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-        has_dtensor = dtensor is not None and any(isinstance(p.grad, dtensor) for p in model.parameters())
-        if hasattr(torch.nn.utils, "get_total_norm") and not has_dtensor:
+        if hasattr(torch.nn.utils, "get_total_norm") and not any(is_dtensor(p.grad) for p in model.parameters()):
             accelerator.unscale_gradients()
             grads = [p.grad for p in model.parameters() if p.grad is not None]  # after: unscale may replace them
             return torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
@@ -425,7 +425,7 @@ class SelfHealingCallback(TrainerCallback):
         with a clear error instead of pairing mismatched collectives (which can hang, or on NCCL
         silently mix data)."""
         if _raised_inside(exc, "torch/distributed/fsdp/") or (
-                _raised_inside(exc, "torch/nn/modules/module.py") and _is_fsdp(self.trainer)):
+                _raised_inside(exc, "torch/nn/modules/module.py") and _is_fsdp(self.trainer.accelerator)):
             raise RuntimeError(
                 f"rank {self.trainer.args.process_index}: {type(exc).__name__} inside the FSDP model's forward/backward; "
                 "the ranks' collectives cannot be re-aligned, so this rank stops (the others stop at the collective "
@@ -672,20 +672,21 @@ class SelfHealingCallback(TrainerCallback):
     def _inspect(self, step: int) -> Detection | None:
         return self._check_state(step)[1]
 
-    def _check_state(self, step: int) -> tuple[StateReport, Detection | None]:
+    def _check_state(self, step: int, agreed: bool = True) -> tuple[StateReport, Detection | None]:
         """This rank's state report, and the first rank's verdict that is bad (one gather when
         distributed, so a corruption on any rank is seen by all). Each rank's numbers travel with
         its own reference: under FSDP a rank's norms are of its shard, comparable only with the
-        reference of that same shard; every rank then judges the same rows the same way."""
+        reference of that same shard; every rank then judges the same rows the same way.
+        `agreed=False` (the other ranks are not known to be here too): this rank's verdict alone."""
         report = state_report(self.model, self.optimizer, step)
         ref = self._ref_report
-        if not is_distributed():
+        if not agreed or not is_distributed():
             return report, compare_state(report, ref, self.config.weight_growth_factor)
         keys = sorted(report.optimizer_norms)
         n, nan = 1 + len(keys), float("nan")
         ref_vals = [ref.weight_norm] + [ref.optimizer_norms.get(k, nan) for k in keys] if ref else [nan] * n
         vec = torch.tensor([report.weight_norm] + [report.optimizer_norms[k] for k in keys] + ref_vals
-                           + [float(ref.step) if ref else -1.0], dtype=torch.float64, device=self.trainer.args.device)
+                           + [float(ref.step) if ref else -1.0], dtype=torch.float32, device=self.trainer.args.device)
         for r, row in enumerate(gather_rows(vec).tolist()):
             rep = StateReport(row[0], dict(zip(keys, row[1:n])), report.beta2, step)
             ref_r = None if row[-1] < 0 else StateReport(

@@ -28,7 +28,7 @@ PLUGIN_DIR = "self-healing"
 """Where the plugin's own resume checkpoints live inside `output_dir`, apart from the user's."""
 _WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
-_FSDP_FULL = ("pytorch_model_fsdp.bin", "optimizer.bin")
+_FSDP_FULL_WEIGHTS, _FSDP_FULL_OPTIMIZER = "pytorch_model_fsdp.bin", "optimizer.bin"
 """accelerate's FSDP FULL_STATE_DICT files (weights from rank 0, optimizer state)."""
 _FSDP_SHARDED = ("pytorch_model_fsdp_0", "optimizer_0")
 """accelerate's FSDP SHARDED_STATE_DICT directories (torch.distributed.checkpoint: `.metadata` and
@@ -59,11 +59,11 @@ def verify_checkpoint(path: str | os.PathLike, check_finite: bool = True) -> tup
     gs = ts.get("global_step") if isinstance(ts, dict) else None
     if not isinstance(gs, int) or isinstance(gs, bool) or gs < 0:
         return False, "trainer_state.json has no valid global_step (tampered or not a Trainer checkpoint)"
-    weights = [p / f for f in (*_WEIGHT_FILES, _FSDP_FULL[0]) if (p / f).is_file()]
+    weights = [p / f for f in (*_WEIGHT_FILES, _FSDP_FULL_WEIGHTS) if (p / f).is_file()]
     sharded_model, sharded_opt = (_dcp_problem(p / d) for d in _FSDP_SHARDED)
     if not weights and sharded_model is not None:
         return False, "no model weights file" if sharded_model == "missing" else sharded_model
-    if not any((p / f).is_file() for f in ("optimizer.pt", _FSDP_FULL[1])) and sharded_opt is not None:
+    if not any((p / f).is_file() for f in ("optimizer.pt", _FSDP_FULL_OPTIMIZER)) and sharded_opt is not None:
         return False, "no optimizer.pt" if sharded_opt == "missing" else sharded_opt
     if not (p / "scheduler.pt").is_file():
         return False, "no scheduler.pt"
@@ -71,7 +71,7 @@ def verify_checkpoint(path: str | os.PathLike, check_finite: bool = True) -> tup
         bad = _nonfinite_tensor(weights[0], p)
         if bad is not None:
             return False, bad
-    for f in [p / "optimizer.pt", p / _FSDP_FULL[1], p / "scheduler.pt", p / "scaler.pt",
+    for f in [p / "optimizer.pt", p / _FSDP_FULL_OPTIMIZER, p / "scheduler.pt", p / "scaler.pt",
               *sorted(p.glob("rng_state*.pth"))]:
         if f.is_file():
             bad = _unsafe_or_nonfinite(f, check_finite=check_finite and f.name.startswith("optimizer."))

@@ -22,21 +22,29 @@ EXCEPTION_CODES = {None: 0, FailureKind.NAN_LOSS: 1, FailureKind.DATA_ERROR: 2, 
 CODE_KINDS = {v: k for k, v in EXCEPTION_CODES.items()}
 
 
+def _loaded(module: str, name: str) -> Any:
+    """`module.name` if that module was imported, else None: no DTensor or FSDP module can exist
+    before torch.distributed imported them, and importing them here would cost every start-up."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def is_dtensor(t: Any) -> bool:
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(t, dtensor)
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2, tensor parallel), sharing its storage; any other
     tensor itself. Under sharding the plugin snapshots, checks and restores what each rank holds,
     so nothing is gathered and a rank's host memory holds only its shard."""
-    mod = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless this was imported
-    dtensor = getattr(mod, "DTensor", None)
-    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def reshard(model: torch.nn.Module) -> None:
     """FSDP2 leaves the root module's parameters unsharded after a forward outside backward (an
     evaluation, a probe); put every module back in its sharded state so what a snapshot copies
     and restores is always the shard."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
     if fsdp_module is None:
         return
     for m in model.modules():
@@ -48,8 +56,7 @@ def recover_fsdp_iteration(model: torch.nn.Module) -> None:
     """After an exception aborted a forward or backward under FSDP2: reset its per-iteration state
     (the root's parameters would otherwise stay unsharded and its next forward confused), so the
     rank can run the next step and its snapshots still match. A no-op without FSDP2."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
     if fsdp_module is None or not isinstance(model, fsdp_module):
         return
     if hasattr(model, "reset_iter_state"):  # torch >= 2.13: the supported recovery

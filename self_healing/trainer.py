@@ -27,11 +27,10 @@ from typing import Any, Iterator
 from .callback import SelfHealingCallback, free_memory
 from .checkpoints import free_disk_space, latest_verified_checkpoint, verify_checkpoint, write_resume_checkpoint
 from .config import HealingConfig
-from .detectors import compare_state
 from .diagnosis import Action, Diagnosis, FailureKind, diagnose_exception
 from .distributed import RankFailure, recover_fsdp_iteration
 from .postmortem import load_postmortem
-from .snapshot import _rng_state, _set_rng_state, state_report
+from .snapshot import _rng_state, _set_rng_state
 
 logger = logging.getLogger("self_healing")
 
@@ -126,12 +125,8 @@ class SelfHealingTrainer:
         step = getattr(t.state, "global_step", 0)
         recover_fsdp_iteration(t.model)
         state_det = None
-        if t.optimizer is not None:
-            if isinstance(exc, RankFailure):  # every rank is here together: judge every rank's state (shard)
-                state_det = cb._check_state(step)[1]
-            else:
-                state_det = compare_state(state_report(t.model, t.optimizer, step), cb._ref_report,
-                                          self.config.weight_growth_factor)
+        if t.optimizer is not None:  # a RankFailure has every rank here together: judge every rank's shard
+            state_det = cb._check_state(step, agreed=isinstance(exc, RankFailure))[1]
         d = diagnose_exception(exc, step=step + 1, state=state_det, phase=phase)
         if not d.healable:
             self.postmortem = cb.finish("exception", exception=exc, extra={"diagnosis": d.to_dict()})
@@ -201,12 +196,7 @@ class SelfHealingTrainer:
             return None, "the start (no training state existed yet)"
         step = t.state.global_step
         if prefer_current:
-            if agreed:  # every rank is here together: judge the state of all of them
-                bad = cb._check_state(step)[1]
-            else:
-                bad = compare_state(state_report(t.model, t.optimizer, step), cb._ref_report,
-                                    self.config.weight_growth_factor)
-            if bad is None:
+            if cb._check_state(step, agreed=agreed)[1] is None:
                 self._reset_generation_buffers()
                 for _ in range(skip_steps):  # the schedule stays aligned with the data skipped
                     t.lr_scheduler.step()
