@@ -20,15 +20,6 @@ SMALL = {"grpo": {}, "rloo": {}, "trainer": dict(per_device_train_batch_size=4)}
 PREF = dict(per_device_train_batch_size=4, max_length=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run 4-10x faster on one thread than on two when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def readme_table() -> dict[str, list[str]]:
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text.split("## Trainer-aware monitors", 1)[1].split("\n## ", 1)[0]

@@ -4,7 +4,6 @@ plus unit tests of the rules on synthetic logs (absent metrics, eval logs, caps,
 import math
 
 import pytest
-import torch
 
 from self_healing import HealingConfig, SelfHealingTrainer
 from self_healing.monitors import (LN2, KLMonitor, OverfittingMonitor, PreferencePlateauMonitor,
@@ -12,15 +11,6 @@ from self_healing.monitors import (LN2, KLMonitor, OverfittingMonitor, Preferenc
 from self_healing.tiny import build_trainer, constant_reward, memorise_dataset, tied_preference_dataset
 
 PREF = dict(per_device_train_batch_size=4, max_length=32)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run 4-10x faster on one thread than on two when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(kind, tmp_path, config, **kw):

@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from self_healing import HealingConfig, SelfHealingCallback
 from self_healing.tiny import build_trainer
@@ -136,15 +135,7 @@ def test_an_alert_at_every_decision(store):
     assert [a["level"] for a in r2][-1] == "error" and "give_up" in r2[-1]["text"]
 
 
-@pytest.fixture
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_without_trackio_nothing_breaks(tmp_path, monkeypatch, _one_thread):
+def test_without_trackio_nothing_breaks(tmp_path, monkeypatch):
     tr = build_trainer("sft", output_dir=str(tmp_path / "none"), max_steps=3)
     cb = SelfHealingCallback(HealingConfig(zclip_enabled=True)).attach(tr)
     assert cb.tracker is None and not [o for o in cb.observers if isinstance(o, TrackioTracker)]
@@ -160,7 +151,7 @@ def test_without_trackio_nothing_breaks(tmp_path, monkeypatch, _one_thread):
     assert tr2.state.global_step == 3
 
 
-def test_tracker_without_an_active_run_is_a_noop(tmp_path, _one_thread):
+def test_tracker_without_an_active_run_is_a_noop(tmp_path):
     pytest.importorskip("trackio")
     tr = build_trainer("sft", output_dir=str(tmp_path / "norun"), max_steps=4)
     tr.args.report_to = ["trackio"]  # tracker attached, but no TrackioCallback ever starts a run

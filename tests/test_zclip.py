@@ -26,15 +26,6 @@ Z5, THR5, MEAN5, VAR5 = 9.875915432282717, 2.5266814536617948, 2.030350443609854
 PCT5 = 4.036329105852549
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run 4-10x faster on one thread than on two when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def warmed(**kw) -> ZClip:
     z = ZClip(warmup_steps=3, warmup_max_norm=2.5, **kw)
     for n in (1.0, 2.0, 3.0):
