@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -206,6 +207,29 @@ class HealingConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        object.__setattr__(self, "_validated", True)  # from here on, every assignment is checked
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """`cfg.nan_patience = -3` is refused like `HealingConfig(nan_patience=-3)`, with the same
+        message, and the old value stays; an unknown name (`cfg.nan_patiance = 2`) is refused with
+        the closest field. Only assignment pays for this: reads are plain attribute reads."""
+        d = self.__dict__
+        if not d.get("_validated") or name.startswith("_"):  # still being built (or private)
+            object.__setattr__(self, name, value)
+            return
+        if name not in _field_set(type(self)):
+            raise ValueError(_unknown_field_message(name, type(self)))
+        missing = object()
+        old = d.get(name, missing)
+        object.__setattr__(self, name, value)
+        problems = self._value_problems()
+        if problems:
+            if old is missing:
+                object.__delattr__(self, name)
+            else:
+                object.__setattr__(self, name, old)
+            own = [m for m in problems if m.startswith(f"HealingConfig.{name}=")]
+            raise ValueError((own or problems)[0])
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -312,7 +336,7 @@ class HealingConfig:
             isinstance(x, str) and isinstance(getattr(_signal, x, None), _signal.Signals) and x not in ("SIGKILL", "SIGSTOP")
             for x in sigs), "preemption_signals", "a list of catchable signal names such as ['SIGTERM', 'SIGUSR1']")
         if isinstance(sigs, list):
-            self.preemption_signals = tuple(sigs)
+            object.__setattr__(self, "preemption_signals", tuple(sigs))
         need(isinstance(self.exit_on_preemption, bool), "exit_on_preemption", "true or false")
         need(isinstance(self.auto_resume, bool), "auto_resume", "true or false")
         need(self.postmortem_path is None or (isinstance(self.postmortem_path, str) and "\0" not in self.postmortem_path
@@ -332,13 +356,8 @@ class HealingConfig:
         value is not accepted, one message per field (empty when `from_dict(values)` would succeed)."""
         if not isinstance(values, Mapping):
             return [f"a HealingConfig must be a mapping of field: value, got {type(values).__name__}"]
-        known = cls.field_names()
-        out = []
-        for k in values:
-            if k not in known:
-                close = difflib.get_close_matches(str(k), known, n=1)
-                out.append(f"unknown HealingConfig field {k!r}: " + (f"did you mean {close[0]!r}?" if close else
-                                                                      f"accepted fields: {', '.join(sorted(known))}"))
+        known = _field_set(cls)
+        out = [_unknown_field_message(k, cls) for k in values if k not in known]
         obj = cls.__new__(cls)  # the defaults, then the given values, without __post_init__'s raise
         for f in fields(cls):
             setattr(obj, f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
@@ -352,13 +371,7 @@ class HealingConfig:
         """Build from a mapping; an unknown key is an error that lists the accepted ones."""
         if not isinstance(values, Mapping):
             raise ValueError(f"a HealingConfig must be a mapping of field: value, got {type(values).__name__}")
-        known = set(cls.field_names())
-        unknown = sorted(str(k) for k in values if k not in known)
-        if unknown:
-            raise ValueError(
-                f"unknown HealingConfig field(s) {', '.join(unknown)}; accepted fields: {', '.join(sorted(known))}"
-            )
-        return cls(**dict(values))
+        return cls(**dict(values))  # an unknown key: the ValueError of `_checked_init`
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -405,7 +418,7 @@ class HealingConfig:
         data = cls.parse_yaml(text, source)
         try:
             return cls.from_dict(data)
-        except TypeError as e:  # e.g. a non-string key
+        except (TypeError, ValueError) as e:  # TypeError: e.g. a non-string key
             raise ValueError(f"{source}: {e}") from None
 
     @staticmethod
@@ -440,5 +453,46 @@ class HealingConfig:
     def resolved_postmortem_path(self, output_dir: str) -> str:
         return self.postmortem_path or str(Path(output_dir) / "postmortem.json")
 
+
+def _field_set(cls: type) -> frozenset[str]:
+    names = cls.__dict__.get("_field_names_cache")
+    if names is None:  # once per class (fields() walks the dataclass machinery)
+        names = frozenset(f.name for f in fields(cls))
+        type.__setattr__(cls, "_field_names_cache", names)
+    return names
+
+
+def _unknown_field_message(name: Any, cls: type = HealingConfig) -> str:
+    """The one message for an unknown field, wherever it comes from (keyword, assignment, mapping,
+    YAML): the name, and the closest field, else every accepted one."""
+    known = sorted(_field_set(cls))
+    close = difflib.get_close_matches(str(name), known, n=1)
+    return f"unknown HealingConfig field {_short_repr(name)}: " + (
+        f"did you mean {close[0]!r}?" if close else f"accepted fields: {', '.join(known)}")
+
+
+_dataclass_init = HealingConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _checked_init(self: HealingConfig, *args: Any, **kwargs: Any) -> None:
+    """`HealingConfig(nan_patiance=2)` is a `ValueError` naming the field and the closest one
+    (the dataclass's own `__init__` would raise a bare `TypeError`)."""
+    known = _field_set(type(self))
+    unknown = [k for k in kwargs if k not in known]
+    if len(unknown) == 1:
+        raise ValueError(_unknown_field_message(unknown[0], type(self)))
+    if unknown:  # each with its closest field when there is one; the accepted list once
+        parts = []
+        for k in unknown[:10]:
+            close = difflib.get_close_matches(str(k), sorted(known), n=1)
+            parts.append(f"{_short_repr(k)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise ValueError(f"unknown HealingConfig fields {', '.join(parts)}{more}; "
+                         f"accepted fields: {', '.join(sorted(known))}")
+    _dataclass_init(self, *args, **kwargs)
+
+
+HealingConfig.__init__ = _checked_init  # type: ignore[method-assign]
 
 __all__ = ["HealingConfig", "PRESET_NAMES"]

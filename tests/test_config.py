@@ -67,3 +67,55 @@ def test_unknown_preset_name():
 def test_bad_yaml_is_a_clear_error(text, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
         HealingConfig.from_yaml_text(text)
+
+
+# --- an unknown keyword and a bad assignment are the same clear ValueError as a bad value --------
+def test_an_unknown_keyword_names_the_field_and_the_closest_one():
+    with pytest.raises(ValueError) as e:
+        HealingConfig(nan_patiance=2)
+    assert str(e.value) == "unknown HealingConfig field 'nan_patiance': did you mean 'nan_patience'?"
+    with pytest.raises(ValueError, match="'bogus': accepted fields: .*nan_patience"):
+        HealingConfig(bogus=1)
+
+
+@pytest.mark.parametrize("field,value", [("nan_patience", -3), ("nan_patience", 1.5), ("zclip_mode", "median"),
+                                         ("lr_reduction_factor", 1.0), ("snapshot_every_steps", 0),
+                                         ("preemption_signals", ["SIGKILL"]), ("history_size", 10 ** 6)])
+def test_assignment_is_validated_like_construction(field, value):
+    with pytest.raises(ValueError) as built:
+        HealingConfig(**{field: value})
+    cfg = HealingConfig.aggressive()
+    before = getattr(cfg, field)
+    with pytest.raises(ValueError) as assigned:
+        setattr(cfg, field, value)
+    assert str(assigned.value) == str(built.value)
+    assert getattr(cfg, field) == before and cfg == HealingConfig.aggressive()  # the old value stays
+
+
+def test_assignment_of_good_values_and_of_an_unknown_name():
+    cfg = HealingConfig()
+    cfg.nan_patience = 7
+    cfg.preemption_signals = ["SIGUSR1"]
+    assert cfg == HealingConfig(nan_patience=7, preemption_signals=("SIGUSR1",))
+    with pytest.raises(ValueError, match="did you mean 'nan_patience'"):
+        cfg.nan_patiance = 2
+    assert not hasattr(cfg, "nan_patiance")
+
+
+def test_copies_and_pickles_stay_validated():
+    import copy
+    import pickle
+
+    for c in (copy.copy(HealingConfig()), copy.deepcopy(HealingConfig()), pickle.loads(pickle.dumps(HealingConfig()))):
+        with pytest.raises(ValueError, match="nan_patience"):
+            c.nan_patience = -1
+
+
+def test_unknown_keys_in_yaml_name_the_source_and_the_closest_field(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("nan_patiance: 2\n")
+    with pytest.raises(ValueError) as e:
+        HealingConfig.from_preset(str(p))
+    assert str(e.value) == f"{p}: unknown HealingConfig field 'nan_patiance': did you mean 'nan_patience'?"
+    with pytest.raises(ValueError, match="'nan_patiense': did you mean 'nan_patience'"):
+        HealingConfig.from_dict({"nan_patiense": 2})
