@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .io import fsync_dir, fsync_tree
+from .io import fsync_dir, fsync_tree, give_normal_modes
 from .redact import redacted_copy
 
 logger = logging.getLogger("self_healing")
@@ -223,6 +223,7 @@ def write_resume_checkpoint(trainer: Any, step: int, extra_state: dict[str, Any]
         state.global_step, state.epoch, state.log_history = saved
     barrier()
     if main:
+        give_normal_modes(tmp)  # the umask's modes, as for any file (safetensors writes 0600)
         fsync_tree(tmp)  # on disk before the rename makes it a checkpoint
         if final.exists():
             shutil.rmtree(final)

@@ -4,17 +4,68 @@ from __future__ import annotations
 
 import glob
 import json
+import errno
 import math
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
 
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def create_temp_file(directory: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """(fd, path) of a new, empty, uniquely named file in `directory`, open for writing, with the
+    mode any normally created file gets there: `tempfile.mkstemp` makes every file 0600, so a file
+    renamed from it stays unreadable to the user's group whatever their umask. Here the kernel
+    applies the umask (and a default ACL, if the directory has one) to 0666 at creation: nothing
+    reads or changes the process-wide umask, so no other thread can see it altered."""
+    directory = os.fspath(directory)
+    for _ in range(100):
+        name = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(name, _NEW_FILE_FLAGS, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name in {directory}")
+
+
+def normal_file_mode(directory: str | os.PathLike) -> int:
+    """The permission bits a file normally created in `directory` gets (0644 under umask 022),
+    found by creating one: the kernel's own answer (umask and default ACL), with no read-and-
+    restore of the process-wide umask that another thread could observe."""
+    fd, name = create_temp_file(directory, prefix=".self-healing-mode-probe.")
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def give_normal_modes(root: str | os.PathLike) -> None:
+    """chmod every file under `root` to `normal_file_mode`: some writers the plugin calls make
+    private files whatever the umask (safetensors' `save_file` writes 0600 through its own temp
+    file), and a checkpoint a teammate cannot read is not one they can resume or inspect."""
+    root = Path(root)
+    mode = normal_file_mode(root)
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            try:
+                if stat.S_IMODE(os.lstat(p).st_mode) != mode and not os.path.islink(p):
+                    os.chmod(p, mode)
+            except OSError:
+                pass
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (a kill at any moment leaves the old file or the new one),
+    as a file with the mode the user's umask gives a normally created one (0644 under umask 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp_file(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

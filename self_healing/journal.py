@@ -294,7 +294,7 @@ class CrashJournal:
             os.replace(self.path, prev)
 
     def _open_fd(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
 
     def close_fd(self) -> None:
         if self._fd is not None:

@@ -277,3 +277,70 @@ def test_disk_full_clean_up_deletes_only_what_the_trainer_never_finished(tmp_pat
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"partial")
     assert free_disk_space(tmp_path) == [str(torn)] and ds.is_dir() and not torn.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# file modes: what the plugin writes is readable as the user's umask says, like the Trainer's files
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (pytest runs tests in one thread) and restore it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077, 0o027])
+def test_atomic_writes_get_the_umasks_mode_and_stay_atomic(tmp_path, umask, mask):
+    from self_healing.io import atomic_write_bytes, atomic_write_json, create_temp_file
+
+    umask(mask)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")  # what any normally created file gets here
+    want = plain.stat().st_mode & 0o777
+    assert want == 0o666 & ~mask
+    atomic_write_bytes(tmp_path / "a.bin", b"1")
+    atomic_write_bytes(tmp_path / "a.bin", b"22")  # replacing an existing file
+    atomic_write_json(tmp_path / "sub" / "b.json", {"x": float("nan")})
+    HealingConfig.aggressive().save(tmp_path / "c.yaml")
+    for f in ("a.bin", "sub/b.json", "c.yaml"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == want, f"{f}: {oct((tmp_path / f).stat().st_mode)}"
+    assert (tmp_path / "a.bin").read_bytes() == b"22"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.bin", "b.json", "c.yaml", "plain", "sub"]
+    fd, name = create_temp_file(tmp_path, ".x.")
+    os.close(fd)
+    assert Path(name).stat().st_mode & 0o777 == want and Path(name).name.startswith(".x.")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_every_file_the_plugin_writes_in_a_run_gets_the_umasks_mode(tmp_path, umask, mask):
+    """Postmortem, journal, resume checkpoint, redacted training args, snapshot spill files and the
+    report PNG: each as readable as the Trainer's own files beside them (0644 under umask 022)."""
+    from self_healing.report import PlotUnavailable, plot_postmortem
+    from self_healing.snapshot import _write_safetensors
+
+    umask(mask)
+    out = tmp_path / "run"
+    tr = build_trainer("trainer", output_dir=str(out), max_steps=8, save_strategy="steps", save_steps=4)
+    inject_faults(tr, Fault("exception", step=6, times=1, exception=lambda: torch.OutOfMemoryError("CUDA out of memory")))
+    sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=2, api_backoff_seconds=0.001,
+                                              snapshot_spill_dir="spill"))
+    sh.train()
+    assert sh.exit_reason == "completed"
+    assert list((out / "self-healing").glob("resume-step-*")), "no resume checkpoint was written"
+    _write_safetensors(out / "spill" / "s.safetensors", [torch.ones(3)], {"step": "1"})
+    try:
+        plot_postmortem(sh.postmortem, out / "report.png")
+    except PlotUnavailable:
+        pass
+    want_file, want_dir = 0o666 & ~mask, 0o777 & ~mask
+    # the Trainer's own checkpoint-N/ is the Trainer's (safetensors 0.8 writes model.safetensors
+    # 0600 there); of it, the plugin writes only the redacted training_args.bin
+    ours = [p for p in out.rglob("*") if p.relative_to(out).parts[0].startswith("checkpoint-") is False
+            or p.name == "training_args.bin"]
+    wrong = [f"{p.relative_to(out)}: {oct(p.stat().st_mode & 0o777)}" for p in ours
+             if p.stat().st_mode & 0o777 != (want_dir if p.is_dir() else want_file)]
+    assert not wrong, f"umask {oct(mask)}: want {oct(want_file)} files, {oct(want_dir)} dirs; got {wrong}"
+    for name in ("postmortem.json", JOURNAL_NAME, "checkpoint-4/training_args.bin"):
+        assert (out / name).is_file()
