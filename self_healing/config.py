@@ -407,8 +407,10 @@ class HealingConfig:
                                  f"kilobytes (at most {_MAX_PRESET_BYTES} accepted)")
             return cls.from_yaml_text(path.read_bytes(), source=str(path))
         if str(name_or_path) not in PRESET_NAMES:
+            close = difflib.get_close_matches(str(name_or_path), PRESET_NAMES, n=1)
             raise ValueError(
-                f"unknown preset {str(name_or_path)!r}; accepted: {', '.join(PRESET_NAMES)} or a path to a .yaml file"
+                f"unknown preset {_short_repr(str(name_or_path))}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; accepted: {', '.join(PRESET_NAMES)} or a path to a .yaml file"
             )
         text = resources.files("self_healing.presets").joinpath(f"{name_or_path}.yaml").read_bytes()
         return cls.from_yaml_text(text, source=f"preset {name_or_path!r}")

@@ -201,3 +201,128 @@ def test_problems_agree_with_construction(values):
             assert problems and problems[0] == str(e)
     assert built == (problems == [])
     assert len(problems) <= len(values)  # one message per offending field, never more
+
+
+# --- input errors: one line, exit 2, before any model is built; a closed pipe is not an error ------
+def _tiny_postmortem(tmp_path: Path, exit_reason: str = "completed") -> Path:
+    from self_healing.postmortem import PostmortemRecorder, dumps_postmortem
+
+    rec = PostmortemRecorder(HealingConfig())
+    for step in range(1, 6):
+        rec.observe(step, 2.0 / step, 1.0, 1e-3)
+    pm = rec.build(exit_reason, last_step=5, max_steps=5, trainer_class="SFTTrainer")
+    p = tmp_path / "pm" / "postmortem.json"
+    p.parent.mkdir()
+    p.write_text(dumps_postmortem(pm))
+    return p
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a command builds a model."""
+    import self_healing.tiny
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was built for an input error")
+
+    monkeypatch.setattr(self_healing.tiny, "build_trainer", refuse)
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["demo", "--preset", "agressive"], ["--preset", "did you mean 'aggressive'", "conservative"]),
+    (["demo", "--step", "0"], ["--step", "from 1 to"]),
+    (["demo", "--steps", "10", "--step", "11"], ["--step", "from 1 to --steps (10)"]),
+    (["demo", "--steps", "-5"], ["--steps", "from 1 to 100000", "'-5'"]),
+    (["demo", "--steps", "many"], ["--steps", "integer"]),
+    (["demo", "--fault", "fire"], ["--fault", "choose from", "nan"]),
+    (["demo", "--trainer", "ppo"], ["--trainer", "sft"]),
+    (["demo", "--plot", "a.png", "--no-plot"], ["--no-plot", "--plot"]),
+    (["demo", "--output-dir", "{file}/out"], ["--output-dir", "is a file, not a directory", "writable directory"]),
+    (["demo", "--output-dir", "{file}"], ["--output-dir", "not a directory"]),
+    (["demo", "--plot", "{file}/x.png"], ["--plot", "is a file, not a directory", "FILE.png"]),
+    (["demo", "--preset", "{tmp}/no.yaml"], ["--preset", "does not exist"]),
+    (["report", "{pm}", "--plot", "{file}/x.png"], ["--plot", "is a file, not a directory"]),
+    (["report", "{pm}", "--plot", "{tmp}"], ["--plot", "not a file path"]),
+    (["report"], ["path"]),
+    (["bogus"], ["invalid choice", "demo"]),
+    ([], ["command"]),
+])
+def test_every_input_error_is_one_line_and_exit_2_before_a_model_is_built(argv, needles, tmp_path, capsys, no_model):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    pm = _tiny_postmortem(tmp_path)
+    argv = [a.format(file=f, tmp=tmp_path, pm=pm) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    cap = capsys.readouterr()
+    assert e.value.code == 2, cap.err
+    assert cap.out == "" and cap.err.count("\n") == 1 and cap.err.startswith("self-healing"), cap.err
+    for n in needles:
+        assert n in cap.err, cap.err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
+def test_an_unwritable_output_dir_is_an_input_error(tmp_path, capsys, no_model):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--output-dir", str(ro / "out")])
+    assert e.value.code == 2 and "--output-dir" in capsys.readouterr().err
+
+
+def test_a_plot_that_cannot_be_written_after_the_checks_is_exit_2_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import self_healing.report
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(self_healing.report, "plot_postmortem", full)
+    assert main(["report", str(_tiny_postmortem(tmp_path)), "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot" in capsys.readouterr().err
+
+
+class _ClosedAfter:
+    """A stdout whose reader goes away after `n` writes."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.text = n, ""
+
+    def write(self, s: str) -> int:
+        if self.n <= 0:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.n -= 1
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        if self.n <= 0:
+            raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("writes", [0, 1, 3])
+@pytest.mark.parametrize("exit_reason,rc", [("completed", 0), ("gave_up", 1)])
+def test_a_closed_pipe_keeps_the_reports_own_exit_code(tmp_path, monkeypatch, capsys, writes, exit_reason, rc):
+    pm = _tiny_postmortem(tmp_path, exit_reason)
+    out = _ClosedAfter(writes)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["report", str(pm)]) == rc
+    assert sys.stdout is out
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argv,rc", [(["presets"], 0), (["report", "{pm}"], 0), (["report", "{gave_up}"], 1),
+                                     (["presets", "aggressive"], 0)])
+def test_report_piped_into_a_closed_reader_exits_with_its_verdict_quietly(tmp_path, argv, rc):
+    """`self-healing report OUT | head -1`: the reader is gone before the first write (closed at
+    once here, so the outcome cannot depend on timing): no traceback, the verdict's exit code."""
+    pm = _tiny_postmortem(tmp_path)
+    (tmp_path / "g").mkdir()
+    gave_up = _tiny_postmortem(tmp_path / "g", "gave_up")
+    argv = [a.format(pm=pm, gave_up=gave_up) for a in argv]
+    exe = shutil.which("self-healing")
+    cmd = [exe, *argv] if exe else [sys.executable, "-m", "self_healing", *argv]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == rc, err
+    assert err == ""
