@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
+import os
+import tempfile
 import time
 import traceback
 from collections import deque
@@ -51,12 +54,17 @@ def utc_now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+logger = logging.getLogger("self_healing")
+
+
 class PostmortemRecorder:
     """Collects events during a run; `build()` turns them into the postmortem dict."""
 
     def __init__(self, config: HealingConfig) -> None:
         self.config = config
         self.started = time.time()
+        self.written_path: str | None = None
+        """Where `write()` last put the postmortem (the fallback in the temp dir if it had to)."""
         self.events: list[dict[str, Any]] = []
         """The first `MAX_EVENTS // 2` events; the most recent ones are in `recent_events`."""
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS - MAX_EVENTS // 2)
@@ -156,8 +164,34 @@ class PostmortemRecorder:
             pm.update(extra)
         return redact(pm)
 
-    def write(self, path: str | Path, postmortem: dict[str, Any]) -> None:
-        atomic_write_text(path, dumps_postmortem(redact(postmortem)))
+    def write(self, path: str | Path, postmortem: dict[str, Any]) -> str | None:
+        """Write the postmortem atomically to `path`; the path written, or None.
+
+        Never raises for a disk that refuses it (an `output_dir` that became unwritable, a full
+        disk): the run is over, its `TrainOutput` and exit are the caller's and must not be lost to
+        its report. It is written instead to the system temp directory, and logged as an error
+        that names both paths and the reason."""
+        text = dumps_postmortem(redact(postmortem))
+        try:
+            atomic_write_text(path, text)
+            self.written_path = str(path)
+            return self.written_path
+        except OSError as e:
+            first = e
+        fallback = Path(tempfile.gettempdir()) / (f"self-healing-postmortem-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                                  f"{os.getpid()}.json")
+        try:
+            atomic_write_text(fallback, text)
+        except OSError as e:
+            logger.error("self-healing: the postmortem could not be written to %s (%s: %s), nor to %s (%s: %s); "
+                         "its summary is in this log and in the returned postmortem only", path,
+                         type(first).__name__, first, fallback, type(e).__name__, e)
+            self.written_path = None
+            return None
+        logger.error("self-healing: the postmortem could not be written to %s (%s: %s); written to %s instead",
+                     path, type(first).__name__, first, fallback)
+        self.written_path = str(fallback)
+        return self.written_path
 
 
 def dumps_postmortem(pm: dict[str, Any]) -> str:

@@ -344,3 +344,53 @@ def test_every_file_the_plugin_writes_in_a_run_gets_the_umasks_mode(tmp_path, um
     assert not wrong, f"umask {oct(mask)}: want {oct(want_file)} files, {oct(want_dir)} dirs; got {wrong}"
     for name in ("postmortem.json", JOURNAL_NAME, "checkpoint-4/training_args.bin"):
         assert (out / name).is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# a postmortem that cannot be written at the end does not cost the finished run
+# ------------------------------------------------------------------------------------------------
+def test_an_output_dir_gone_unwritable_at_the_end_keeps_the_train_output(tmp_path, caplog, monkeypatch):
+    """The output dir disappears under the run at its last step (a file in its place: unwritable
+    even for root). train() still returns its TrainOutput, the run is `completed`, and the error
+    names the path, the reason and where the postmortem went instead."""
+    import tempfile
+
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import TrainOutput
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "systmp"))
+    (tmp_path / "systmp").mkdir()
+
+    class PullTheDisk(TrainerCallback):
+        def on_train_end(self, args, state, control, **kw):
+            out.rename(tmp_path / "moved")
+            out.write_text("not a directory any more")
+
+    tr = build_trainer("trainer", output_dir=str(out), max_steps=4, callbacks=[PullTheDisk()])
+    sh = SelfHealingTrainer(tr, FAST)
+    with caplog.at_level("ERROR", logger="self_healing"):
+        result = sh.train()
+    assert isinstance(result, TrainOutput) and result.global_step == 4
+    assert sh.exit_reason == "completed" and sh.postmortem["exit_reason"] == "completed"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "postmortem" in r.getMessage()]
+    assert errors, caplog.text
+    fallback = list((tmp_path / "systmp").glob("self-healing-postmortem-*.json"))
+    assert len(fallback) == 1 and load_postmortem(fallback[0])["exit_reason"] == "completed"
+    assert str(out / "postmortem.json") in errors[0]
+    assert "NotADirectoryError" in errors[0] or "FileExistsError" in errors[0]  # the reason, whichever mkdir met
+    assert str(fallback[0]) in errors[0]
+
+
+def test_a_postmortem_that_fits_nowhere_is_logged_not_raised(tmp_path, caplog, monkeypatch):
+    import self_healing.postmortem as pmod
+    from self_healing.postmortem import PostmortemRecorder
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(pmod, "atomic_write_text", refuse)
+    rec = PostmortemRecorder(HealingConfig())
+    with caplog.at_level("ERROR", logger="self_healing"):
+        assert rec.write(tmp_path / "postmortem.json", rec.build("completed", last_step=1)) is None
+    assert "PermissionError" in caplog.text and str(tmp_path / "postmortem.json") in caplog.text
