@@ -90,13 +90,22 @@ class LossSpikeDetector:
 
     The ratio test alone fires on losses that hover near zero (RL objectives), so a spike must also
     be `min_z` standard deviations above the mean, like llm-foundry's and OLMo's outlier tests.
+    And it must reach `floor_fraction` of the loss the run started from (the mean of its first
+    `min_history` healthy losses): a loss that went from 1e-4 to 1e-2 after DPO drove it to ~0 is
+    100x its mean and far outside its tiny spread, yet still a loss the model is done learning;
+    skipping that batch would only change a healthy run.
     """
 
-    def __init__(self, factor: float, window: int, min_history: int = 10, min_z: float = 4.0) -> None:
+    def __init__(self, factor: float, window: int, min_history: int = 10, min_z: float = 4.0,
+                 floor_fraction: float = 0.1) -> None:
         self.factor = factor
         self.window = RunningWindow(window)
         self.min_history = min(min_history, window)
         self.min_z = min_z
+        self.floor_fraction = floor_fraction
+        self._first: list[float] = []
+        self.initial: float | None = None
+        """Mean of the first `min_history` healthy losses (where the run started from)."""
 
     def ratio(self, loss: float) -> float | None:
         m = self.window.mean
@@ -112,23 +121,47 @@ class LossSpikeDetector:
         z = (loss - self.window.mean) / std if std > 0 else math.inf
         if z < self.min_z:
             return None
+        floor = self.floor_fraction * self.initial if self.initial is not None and self.initial > 0 else 0.0
+        if loss <= floor:
+            return None
         return Detection("loss_spike", -1, {"loss": loss, "running_mean": self.window.mean, "ratio": r,
                                              "factor": self.factor, "z_score": z})
 
     def accept(self, loss: float) -> None:
         self.window.push(loss)
+        if self.initial is None:
+            self._first.append(loss)
+            if len(self._first) >= self.min_history:
+                self.initial = sum(self._first) / len(self._first)
+                self._first = []
+
+    def state_dict(self) -> dict:
+        return {**self.window.state_dict(), "initial": self.initial, "first": list(self._first)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window.load_state_dict(state)
+        if "initial" in state or "first" in state:  # older snapshots held only the window
+            self.initial = state.get("initial")
+            self._first = [float(v) for v in state.get("first", [])]
 
 
 class DivergenceDetector:
     """Smoothed loss rising for `patience` steps and `tolerance` above its best: slow divergence
     that no single step's spike test sees. The rise must also clear 3x the loss's own noise (an
-    EMA of absolute deviations), or a loss near zero would "diverge" on every wiggle."""
+    EMA of absolute deviations), or a loss near zero would "diverge" on every wiggle.
 
-    def __init__(self, patience: int, tolerance: float, alpha: float = 0.9, warmup: int = 10) -> None:
+    A scheduled LR that jumps up (a warm restart: cosine-with-restarts goes from ~0 back to its
+    peak in one step) makes the loss rise by design; such a jump (x`lr_jump` or more in one step)
+    starts a new trend, as an LR cut does."""
+
+    def __init__(self, patience: int, tolerance: float, alpha: float = 0.9, warmup: int = 10,
+                 lr_jump: float = 2.0) -> None:
         self.patience = patience
         self.tolerance = tolerance
         self.alpha = alpha
         self.warmup = warmup
+        self.lr_jump = lr_jump
+        self.last_lr: float | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -137,6 +170,14 @@ class DivergenceDetector:
         self.rising = 0
         self.seen = 0
         self.noise = 0.0
+
+    def observe_lr(self, lr: float | None) -> None:
+        """The step's scheduled LR (largest param group); a jump up starts a new trend."""
+        if lr is None or not math.isfinite(lr):
+            return
+        if self.last_lr is not None and self.last_lr >= 0 and lr > self.lr_jump * self.last_lr and lr > 0:
+            self.reset()
+        self.last_lr = lr
 
     def update(self, loss: float) -> Detection | None:
         prev = self.ema
@@ -159,11 +200,13 @@ class DivergenceDetector:
         return None
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema, "best": self.best, "rising": self.rising, "seen": self.seen, "noise": self.noise}
+        return {"ema": self.ema, "best": self.best, "rising": self.rising, "seen": self.seen, "noise": self.noise,
+                "last_lr": self.last_lr}
 
     def load_state_dict(self, s: dict) -> None:
         self.ema, self.best, self.rising, self.seen = s["ema"], s["best"], s["rising"], s["seen"]
         self.noise = s.get("noise", 0.0)
+        self.last_lr = s.get("last_lr", self.last_lr)
 
 
 class GradNormDetector:
@@ -171,15 +214,28 @@ class GradNormDetector:
 
     Both tests on the z-score are needed: early in training the norm's spread is large and a ratio
     test alone fires; late the spread is tiny and a z-score alone fires on harmless wiggles.
+
+    The ratio is taken against the largest healthy norm seen recently (the window's maximum, or a
+    slowly decaying peak of all healthy norms, whichever is larger), not the mean: per-example
+    gradient norms (batch size 1, mixed lengths) are heavy-tailed, and a healthy norm 10x the
+    mean is not rare there, while one 10x the largest of the last 50 is. A zero norm (a GRPO/RLOO
+    step whose groups all had the same reward: every advantage is 0) says nothing about the
+    scale of a gradient and is not counted; otherwise the first step with a learning signal after
+    a run of them would look like an explosion.
     """
 
     def __init__(self, threshold: float | None, z_threshold: float, factor: float, window: int = 50,
-                 min_history: int = 10) -> None:
+                 min_history: int = 10, peak_half_life: int = 500) -> None:
         self.threshold = threshold
         self.z_threshold = z_threshold
         self.factor = factor
         self.window = RunningWindow(window)
         self.min_history = min_history
+        self.peak = 0.0
+        self.peak_decay = 0.5 ** (1.0 / max(peak_half_life, 1))
+
+    def reference(self) -> float:
+        return max(max(self.window.values, default=0.0), self.peak)
 
     def check(self, norm: float) -> Detection | None:
         if self.threshold is not None and norm > self.threshold:
@@ -190,13 +246,24 @@ class GradNormDetector:
         if not mean > 0:
             return None
         z = (norm - mean) / std if std > 0 else math.inf
-        if z > self.z_threshold and norm > self.factor * mean:
+        ref = self.reference()
+        if z > self.z_threshold and norm > self.factor * mean and norm > self.factor * ref:
             return Detection("gradient_explosion", -1, {"grad_norm": norm, "running_mean": mean,
-                                                        "z_score": z, "ratio": norm / mean})
+                                                        "recent_max": ref, "z_score": z, "ratio": norm / mean})
         return None
 
     def accept(self, norm: float) -> None:
+        if not norm > 0:  # no learning signal this step (all advantages 0): no information on the scale
+            return
         self.window.push(norm)
+        self.peak = max(norm, self.peak * self.peak_decay)
+
+    def state_dict(self) -> dict:
+        return {**self.window.state_dict(), "peak": self.peak}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window.load_state_dict(state)
+        self.peak = float(state.get("peak", max(self.window.values, default=0.0)))
 
 
 def check_lr(lrs: Iterable[float], scheduled: Iterable[float] | None, factor: float) -> Detection | None:
@@ -210,13 +277,21 @@ def check_lr(lrs: Iterable[float], scheduled: Iterable[float] | None, factor: fl
     return None
 
 
+REACH_KEY = "self_healing:update_reach"
+GROWTH_KEY = "self_healing:update_log_growth"
+"""Two entries of `StateReport.optimizer_norms` that are not optimizer state: the process's update
+odometers (`snapshot.UpdateReach`) when the report was taken. They travel with the optimizer norms
+wherever those go (the distributed gather in the callback sends every key with its reference)."""
+
+
 @dataclass
 class StateReport:
     """Integrity numbers of weights and optimizer state, from one fused norm pass."""
 
     weight_norm: float
     optimizer_norms: dict[str, float] = field(default_factory=dict)
-    """Global norm of each optimizer state key (e.g. `exp_avg`, `exp_avg_sq`)."""
+    """Global norm of each optimizer state key (e.g. `exp_avg`, `exp_avg_sq`), plus the update
+    odometers under `REACH_KEY`/`GROWTH_KEY` when the optimizer's update rule is bounded."""
     beta2: float | None = None
     step: int = 0
     seconds: float = field(default=0.0, compare=False, repr=False)
@@ -230,12 +305,79 @@ class StateReport:
     def optimizer_finite(self) -> bool:
         return all(math.isfinite(v) for v in self.optimizer_norms.values())
 
+    @property
+    def update_reach(self) -> float | None:
+        """Odometer: the sum over the optimizer steps so far of how far each could move the weights."""
+        return self.optimizer_norms.get(REACH_KEY)
+
+    @property
+    def update_log_growth(self) -> float:
+        """Odometer: the sum of log(factor) by which updates could scale the weight norm (decay > 2/lr...)."""
+        return self.optimizer_norms.get(GROWTH_KEY, 0.0)
+
+    def state_norms(self) -> dict[str, float]:
+        """The optimizer state norms alone (without the odometers)."""
+        return {k: v for k, v in self.optimizer_norms.items() if k not in (REACH_KEY, GROWTH_KEY)}
+
+
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "state2", "absmax2")
+"""Adam second-moment state keys, in preference order: torch/optimi/GrokAdamW `exp_avg_sq`;
+bitsandbytes `state2` (32-bit state) or, for 8-bit state (uint8 codes), `absmax2`, the per-block
+maximum, which obeys the same decay bound (the maximum of an elementwise-decaying tensor decays
+no faster)."""
+
+_DECAY_MIN_FLOOR = 1e-12
+"""Below this the norms of the second moment (squares of values ~1e-19 underflow float32) are not
+trustworthy; the decay test is skipped."""
+
+
+def adam_update_bound(beta1: float, beta2: float, t: int) -> float:
+    """Largest |m_hat / sqrt(v_hat)| any element can have after `t` Adam steps (eps ignored, which
+    only shrinks it): |m_t| <= (1-b1) sum_k b1^k |g_{t-k}| and v_t >= (1-b2) b2^k g_{t-k}^2 give
+    (1-b1)/sqrt(1-b2) * sum_{k<t} (b1/sqrt(b2))^k, times the bias corrections sqrt(1-b2^t)/(1-b1^t).
+    1 at t=1, ~32 for t->inf with (0.9, 0.999); infinite when the betas make it unbounded."""
+    t = max(int(t), 1)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        return math.inf
+    if beta2 == 0.0:
+        return math.inf if beta1 > 0 else 1.0
+    g = beta1 / math.sqrt(beta2)
+    try:
+        series = float(t) if abs(g - 1.0) < 1e-12 else (1.0 - g ** t) / (1.0 - g)
+        out = (1.0 - beta1) / math.sqrt(1.0 - beta2) * series * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+    except OverflowError:
+        return math.inf
+    return out if math.isfinite(out) else math.inf
+
+
+def adamax_update_bound(beta1: float, beta2: float, t: int) -> float:
+    """Adamax: |m_hat| / u with u = max(b2 u, |g|): (1-b1) sum_{k<t} (b1/b2)^k / (1-b1^t)."""
+    t = max(int(t), 1)
+    if not (0.0 <= beta1 < 1.0 and 0.0 < beta2 <= 1.0):
+        return math.inf
+    g = beta1 / beta2
+    try:
+        series = float(t) if abs(g - 1.0) < 1e-12 else (1.0 - g ** t) / (1.0 - g)
+        out = (1.0 - beta1) * series / (1.0 - beta1 ** t)
+    except OverflowError:
+        return math.inf
+    return out if math.isfinite(out) else math.inf
+
 
 def compare_state(report: StateReport, reference: StateReport | None, growth_factor: float) -> Detection | None:
-    """Judge a state against the last good one.
+    """Judge a state against the last good one. Only evidence that training cannot produce counts.
 
-    Adam's second moment is an EMA with decay beta2, so elementwise v_t >= beta2**k * v_{t-k}: a
-    norm that fell faster than that cannot come from training, it was reset or overwritten.
+    - Non-finite weights or optimizer state: always corruption.
+    - Adam's second moment is an EMA with decay beta2, so elementwise v_t >= beta2**k * v_{t-k}: a
+      norm that fell faster than that (with a 2x margin) was reset or overwritten.
+    - Weights: by the triangle inequality | ||w|| - ||w_ref|| | <= ||w - w_ref||, and the optimizer
+      steps since the reference can move the weights by at most the update odometer's difference
+      (the LRs actually used x the update rule's bound: Adam's |m/sqrt(v)| is bounded, SGD's step
+      is lr x the momentum buffer or the clipped gradient, plus weight decay). A weight norm that
+      grew past that, by `growth_factor` x the reach as slack, was changed outside the optimizer.
+      Weights that grow while a model learns (small or zero initial weights) stay within the reach;
+      a ratio to the reference norm (the old test) rolled such healthy runs back. No odometer (an
+      optimizer whose update is not bounded here) means no finite verdict: the loss must confirm it.
     """
     if not report.weights_finite:
         return Detection("weight_corruption", report.step, {"weight_norm": report.weight_norm, "finite": False})
@@ -244,20 +386,37 @@ def compare_state(report: StateReport, reference: StateReport | None, growth_fac
         return Detection("optimizer_state_corruption", report.step, {"nonfinite_state": bad})
     if reference is None:
         return None
-    v, v_ref = report.optimizer_norms.get("exp_avg_sq"), reference.optimizer_norms.get("exp_avg_sq")
-    if v is not None and v_ref and v_ref > 0 and report.beta2 is not None:
-        k = max(report.step - reference.step, 0)
-        floor = 0.5 * report.beta2 ** k * v_ref
-        if v < floor:
-            return Detection("optimizer_state_corruption", report.step, {
-                "exp_avg_sq_norm": v, "reference_exp_avg_sq_norm": v_ref, "steps_apart": k,
-                "lowest_possible": report.beta2 ** k * v_ref})
-    ref_w = reference.weight_norm
-    if ref_w > 0 and report.weight_norm > growth_factor * ref_w:
-        return Detection("weight_corruption", report.step, {"weight_norm": report.weight_norm,
-                                                            "reference_weight_norm": ref_w,
-                                                            "ratio": report.weight_norm / ref_w,
-                                                            "factor": growth_factor})
+    k = max(report.step - reference.step, 0)
+    for key in SECOND_MOMENT_KEYS:
+        v, v_ref = report.optimizer_norms.get(key), reference.optimizer_norms.get(key)
+        if v is None or v_ref is None:
+            continue
+        if v_ref > 0 and report.beta2 is not None:
+            lowest = report.beta2 ** k * v_ref
+            floor = 0.5 * lowest
+            if floor > _DECAY_MIN_FLOOR and v < floor:
+                return Detection("optimizer_state_corruption", report.step, {
+                    "exp_avg_sq_norm": v, "reference_exp_avg_sq_norm": v_ref, "steps_apart": k,
+                    "lowest_possible": lowest, "state_key": key})
+        break
+    reach, ref_reach = report.update_reach, reference.update_reach
+    if reach is None or ref_reach is None:
+        return None
+    moved = reach - ref_reach
+    log_growth = report.update_log_growth - reference.update_log_growth
+    if not (math.isfinite(moved) and moved >= 0 and math.isfinite(log_growth) and log_growth >= 0):
+        return None  # odometers of another process or optimizer, or reset: nothing to conclude
+    ref_w, w = reference.weight_norm, report.weight_norm
+    try:
+        limit = math.exp(log_growth) * (ref_w + moved)  # the largest norm the updates could reach
+    except OverflowError:
+        return None
+    allowed = ref_w + growth_factor * (limit - ref_w) + 1e-3 * ref_w + 1e-12
+    if w > allowed:
+        return Detection("weight_corruption", report.step, {
+            "weight_norm": w, "reference_weight_norm": ref_w, "steps_apart": k,
+            "ratio": w / ref_w if ref_w > 0 else math.inf, "update_reach": limit - ref_w,
+            "growth": w - ref_w, "factor": growth_factor})
     return None
 
 
@@ -315,6 +474,9 @@ class StepMonitor:
         if not self.loss_signals or not is_finite(s.loss):
             return None
         self.spike.accept(s.loss)
+        lrs = s.scheduled_lrs if s.scheduled_lrs else s.lrs
+        finite = [float(x) for x in lrs if is_finite(float(x))] if lrs else []
+        self.divergence.observe_lr(max(finite) if finite else None)
         d = self.divergence.update(s.loss)
         if d:
             d.step = s.step
@@ -325,10 +487,10 @@ class StepMonitor:
         self.divergence.reset()
 
     def state_dict(self) -> dict:
-        return {"spike": self.spike.window.state_dict(), "grad": self.grad.window.state_dict(),
+        return {"spike": self.spike.state_dict(), "grad": self.grad.state_dict(),
                 "divergence": self.divergence.state_dict()}
 
     def load_state_dict(self, s: dict) -> None:
-        self.spike.window.load_state_dict(s["spike"])
-        self.grad.window.load_state_dict(s["grad"])
+        self.spike.load_state_dict(s["spike"])
+        self.grad.load_state_dict(s["grad"])
         self.divergence.load_state_dict(s["divergence"])

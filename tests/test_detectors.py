@@ -1,9 +1,12 @@
 """Detectors on plain numbers: no trainer."""
 import math
 
+import pytest
+
 from self_healing import HealingConfig
-from self_healing.detectors import (DivergenceDetector, GradNormDetector, LossSpikeDetector, RunningWindow,
-                                    StateReport, StepMonitor, StepSignals, check_lr, compare_state)
+from self_healing.detectors import (GROWTH_KEY, REACH_KEY, DivergenceDetector, GradNormDetector, LossSpikeDetector,
+                                    RunningWindow, StateReport, StepMonitor, StepSignals, adam_update_bound,
+                                    check_lr, compare_state)
 
 
 def test_running_window_mean_std_and_bound():
@@ -62,13 +65,35 @@ def test_lr_spike_against_scheduled():
     assert check_lr([1.0], None, 10.0) is None
 
 
-def test_state_nonfinite_and_growth():
-    ref = StateReport(weight_norm=10.0, optimizer_norms={"exp_avg_sq": 1.0}, beta2=0.999, step=10)
+def _with_reach(norms: dict, reach: float, log_growth: float = 0.0) -> dict:
+    return {**norms, REACH_KEY: reach, GROWTH_KEY: log_growth}
+
+
+def test_state_nonfinite_and_growth_beyond_the_updates_reach():
+    ref = StateReport(weight_norm=10.0, optimizer_norms=_with_reach({"exp_avg_sq": 1.0}, 100.0), beta2=0.999, step=10)
     assert compare_state(StateReport(float("nan")), ref, 10).signal == "weight_corruption"
     assert compare_state(StateReport(10.0, {"exp_avg": float("inf")}), ref, 10).signal == "optimizer_state_corruption"
-    grown = compare_state(StateReport(3000.0, {"exp_avg_sq": 1.0}, 0.999, 20), ref, 10)
+    # the updates since step 10 could move the weights by 1.5 in norm (odometer 100 -> 101.5)
+    grown = compare_state(StateReport(3000.0, _with_reach({"exp_avg_sq": 1.0}, 101.5), 0.999, 20), ref, 10)
     assert grown.signal == "weight_corruption" and grown.evidence["ratio"] == 300
-    assert compare_state(StateReport(11.0, {"exp_avg_sq": 0.98}, 0.999, 20), ref, 10) is None
+    assert grown.evidence["update_reach"] == pytest.approx(1.5)
+    assert compare_state(StateReport(11.0, _with_reach({"exp_avg_sq": 0.98}, 101.5), 0.999, 20), ref, 10) is None
+    # within factor x the reach: training can do that
+    assert compare_state(StateReport(24.0, _with_reach({"exp_avg_sq": 1.0}, 101.5), 0.999, 20), ref, 10) is None
+
+
+def test_small_weights_that_grow_while_learning_are_not_corruption():
+    """The old test (norm > 10x the reference's) rolled back a healthy run whose tiny initial
+    weights grew: 0.01 -> 0.5 in 10 steps of lr 0.1 is 50x, well within what 10 steps can do."""
+    ref = StateReport(0.01, _with_reach({"exp_avg_sq": 1e-4}, 0.0), beta2=0.999, step=0)
+    cur = StateReport(0.5, _with_reach({"exp_avg_sq": 1e-4}, 10 * 0.1 * 2.0), beta2=0.999, step=10)
+    assert compare_state(cur, ref, 10) is None
+    # zero initial weights: no ratio exists, only the reach
+    assert compare_state(StateReport(0.5, _with_reach({}, 2.0), step=10), StateReport(0.0, _with_reach({}, 0.0)), 10) \
+        is None
+    # without odometers (an optimizer whose update rule is not bounded here): no finite verdict at all
+    assert compare_state(StateReport(3000.0, {"exp_avg_sq": 1.0}, 0.999, 20),
+                         StateReport(10.0, {"exp_avg_sq": 1.0}, 0.999, 10), 10) is None
 
 
 def test_exp_avg_sq_cannot_fall_faster_than_beta2():
