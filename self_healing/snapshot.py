@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import struct
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from .detectors import StateReport
+from .detectors import GROWTH_KEY, REACH_KEY, StateReport, adam_update_bound, adamax_update_bound
 from .distributed import local_tensor, reshard
 
 
@@ -70,17 +73,64 @@ def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def param_keyed_states(group: dict[str, Any]) -> list[str]:
+    """Keys of a param group that hold per-parameter state (a dict keyed by parameter tensors):
+    GrokAdamW keeps its `exp_avg`/`exp_avg_sq`/`grok_ema` in `group["state"][p]`, not in
+    `optimizer.state`."""
+    out = []
+    for k, v in group.items():
+        if k != "params" and isinstance(v, dict) and v and all(isinstance(x, torch.Tensor) for x in v):
+            out.append(k)
+    return out
+
+
+def iter_param_states(opt: Any) -> Iterable[tuple[int, str | None, torch.Tensor, dict[str, Any]]]:
+    """(group index, where, param, state) for every per-parameter state the optimizer keeps:
+    `where` is None for `optimizer.state[p]`, else the param-group key holding it."""
+    for gi, group in enumerate(opt.param_groups):
+        held = param_keyed_states(group)
+        for p in group["params"]:
+            st = opt.state.get(p) if hasattr(opt.state, "get") else None
+            if st:
+                yield gi, None, p, st
+            for k in held:
+                st = group[k].get(p)
+                if isinstance(st, dict) and st:
+                    yield gi, k, p, st
+
+
 def optimizer_state_tensors(optimizer: Any) -> dict[str, list[torch.Tensor]]:
-    """Per state key (`exp_avg`, `exp_avg_sq`, ...), the (local) tensors of every parameter, in
-    param order."""
+    """Per state key (`exp_avg`, `exp_avg_sq`, `state1`, `absmax2`, `step`...), the (local) tensors
+    of every parameter, in param order: every floating tensor the optimizer keeps per parameter,
+    in `optimizer.state` or in a param group (GrokAdamW), 0-dim ones included. Integer tensors
+    (bitsandbytes' 8-bit codes) have no NaN to look for; their float scales (`absmax*`) do."""
     opt = unwrap_optimizer(optimizer)
     out: dict[str, list[torch.Tensor]] = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for k, v in opt.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
-                    out.setdefault(k, []).append(local_tensor(v))
+    for _, _, _, st in iter_param_states(opt):
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 0:
+                out.setdefault(str(k), []).append(local_tensor(v))
     return out
+
+
+def second_moment_beta(opt: Any) -> float | None:
+    """beta2 of an Adam-like optimizer (`betas=(b1, b2[, b3])`, or StableAdamW-style `beta2`), for
+    the second-moment decay test; None when the test does not apply: torch-optimi debiases its
+    betas (its effective beta2 starts at 0 and climbs to beta2, so early decay is far faster), and
+    optimizers without such a key (Adafactor's decay_rate schedule, RMSprop...) are not covered."""
+    if type(opt).__module__.split(".")[0] == "optimi":
+        return None
+    for g in opt.param_groups:
+        betas = g.get("betas")
+        if isinstance(betas, (tuple, list)) and len(betas) >= 2:
+            try:
+                return float(betas[1])
+            except (TypeError, ValueError):
+                return None
+        b2 = g.get("beta2")
+        if isinstance(b2, (int, float, torch.Tensor)) and not isinstance(b2, bool):
+            return float(b2)
+    return None
 
 
 def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -96,9 +146,265 @@ def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack(parts))
 
 
+# ------------------------------------------------------------------------------------------------
+# How far the optimizer's own updates could have moved the weights (the finite corruption test)
+# ------------------------------------------------------------------------------------------------
+class UpdateReach:
+    """Process-wide odometers of how far optimizer steps could move the weights.
+
+    A post-step hook on each optimizer that `state_report` has seen adds, per step, an upper
+    bound on the norm of the update it just applied: the LR of each param group as used x the
+    per-element bound of its update rule x sqrt(elements updated). Adam/AdamW/Adamax/Adagrad/
+    RMSprop (not centered) have a constant per-element bound (see `detectors.adam_update_bound`);
+    SGD's step is lr x its momentum buffer or gradient (after clipping), measured on the device
+    without a host sync and folded in at the next `state_report`; transformers' Adafactor clips
+    the RMS of its update. Weight decay can only shrink weights unless lr x decay > 2, which
+    goes into the multiplicative odometer. An optimizer whose rule is not known here (a subclass,
+    bitsandbytes, GrokAdamW, schedule-free, DeepSpeed's...) gets no odometer: its reports carry
+    none, and only non-finite values or the loss can then condemn the weights.
+
+    The odometers only grow, for every hooked optimizer of the process, so the difference
+    between two reports bounds the movement between them whichever optimizer made the older one
+    (a rollback to an older snapshot, a second `train()`).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reach = 0.0
+        self.log_growth = 0.0
+        self.device_acc: dict[torch.device, torch.Tensor] = {}
+        self.optimizers: "weakref.WeakKeyDictionary[Any, _OptimizerReach]" = weakref.WeakKeyDictionary()
+
+    def track(self, opt: Any) -> "_OptimizerReach | None":
+        """The optimizer's reach state, installing its hook the first time."""
+        try:
+            info = self.optimizers.get(opt)
+        except TypeError:
+            return None
+        if info is None:
+            info = _OptimizerReach(self, opt)
+            try:
+                self.optimizers[opt] = info
+            except TypeError:
+                return None
+        return info
+
+    def add_device(self, value: torch.Tensor) -> None:
+        acc = self.device_acc.get(value.device)
+        if acc is None:
+            self.device_acc[value.device] = value.detach().double() if value.device.type == "cpu" else value.detach().float()
+        else:
+            acc.add_(value.detach().to(acc.dtype))
+
+    def pending(self) -> list[torch.Tensor]:
+        """Device accumulators still to fold in (read in the report's one host sync)."""
+        return list(self.device_acc.values())
+
+    def fold(self, values: list[float]) -> None:
+        """Add the device accumulators' values (as read) to the host odometer and zero them. A
+        non-finite value comes from a non-finite update, which left non-finite weights behind
+        (condemned by that alone, then rolled back past every step folded here): it adds nothing."""
+        for v in values:
+            if math.isfinite(v):
+                self.reach += v
+        for acc in self.device_acc.values():
+            acc.zero_()
+
+
+REACH = UpdateReach()
+
+
+def _scalar(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+class _OptimizerReach:
+    """The per-optimizer part of `UpdateReach`: its rule, per-group step counts, its hook."""
+
+    def __init__(self, owner: UpdateReach, opt: Any) -> None:
+        self.owner = owner
+        self.rule = _rule_for(opt)
+        self.known = self.rule is not None and hasattr(opt, "register_step_post_hook")
+        self.steps: dict[int, int] = {}
+        self.betas: dict[int, Any] = {}
+        self.peak: dict[int, float] = {}
+        self.handle = None
+        if self.known:
+            ref = weakref.ref(self)
+
+            def hook(optimizer, args, kwargs):  # never lets an error escape into optimizer.step()
+                me = ref()
+                if me is not None:
+                    me.after_step(optimizer)
+
+            self.handle = opt.register_step_post_hook(hook)
+
+    def after_step(self, opt: Any) -> None:
+        try:
+            total, growth, dev = 0.0, 0.0, []
+            for gi, group in enumerate(opt.param_groups):
+                ps = [p for p in group["params"] if p.grad is not None]
+                if not ps:
+                    continue
+                if gi not in self.steps:  # resumed optimizers start at their saved step, not 1
+                    self.steps[gi] = _saved_step(opt, group)
+                self.steps[gi] += 1
+                b, a = self.rule(self, opt, gi, group, ps)
+                if b is None:
+                    raise _Unknown
+                if isinstance(b, torch.Tensor):
+                    dev.append(b)
+                else:
+                    total += b
+                growth = max(growth, math.log(a) if a > 1 else 0.0)
+            with self.owner.lock:
+                if math.isfinite(total) and math.isfinite(growth):  # else: non-finite weights, see fold()
+                    self.owner.reach += total
+                    self.owner.log_growth += growth
+                for t in dev:
+                    self.owner.add_device(t)
+        except Exception:  # noqa: BLE001 - an unknown layout: no odometer for this optimizer, ever
+            self.known = False
+            if self.handle is not None:
+                self.handle.remove()
+                self.handle = None
+
+
+class _Unknown(Exception):
+    pass
+
+
+def _saved_step(opt: Any, group: dict[str, Any]) -> int:
+    best = 0
+    for p in group["params"]:
+        st = opt.state.get(p) if hasattr(opt.state, "get") else None
+        v = _scalar(st.get("step")) if st else None
+        if v is not None and math.isfinite(v):
+            best = max(best, int(v))
+    return best
+
+
+def _count(ps: list[torch.Tensor]) -> int:
+    return sum(local_tensor(p).numel() for p in ps)
+
+
+def _decay_growth(lr: float, wd: Any) -> float:
+    """Weight decay w <- w (1 - lr wd) scales the norm by |1 - lr wd| <= 1 unless lr wd > 2."""
+    x = lr * (_scalar(wd) or 0.0)
+    return max(1.0, abs(1.0 - x))
+
+
+def _adam_rule(bound_fn):
+    def rule(me: _OptimizerReach, opt: Any, gi: int, group: dict[str, Any], ps: list[torch.Tensor]):
+        lr = _scalar(group.get("lr"))
+        betas = group.get("betas")
+        if lr is None or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            return None, 1.0
+        b1, b2 = _scalar(betas[0]), _scalar(betas[1])
+        if b1 is None or b2 is None:
+            return None, 1.0
+        if me.betas.setdefault(gi, (b1, b2)) != (b1, b2):
+            return None, 1.0  # betas changed during the run: the bound assumes constant ones
+        per = bound_fn(b1, b2, me.steps[gi])
+        if not math.isfinite(per):
+            return None, 1.0
+        return abs(lr) * per * math.sqrt(_count(ps)), _decay_growth(abs(lr), group.get("weight_decay"))
+    return rule
+
+
+def _adagrad_rule(me, opt, gi, group, ps):
+    lr = _scalar(group.get("lr"))
+    if lr is None or (_scalar(group.get("lr_decay")) or 0.0) < 0:
+        return None, 1.0
+    return abs(lr) * math.sqrt(_count(ps)), 1.0  # |g| / sqrt(sum of g^2, g included) <= 1
+
+
+def _rmsprop_rule(me, opt, gi, group, ps):
+    lr, alpha, mom = _scalar(group.get("lr")), _scalar(group.get("alpha")), _scalar(group.get("momentum")) or 0.0
+    if lr is None or alpha is None or group.get("centered") or not (0.0 <= alpha < 1.0) or not (0.0 <= mom < 1.0):
+        return None, 1.0
+    per = 1.0 / math.sqrt(1.0 - alpha) / (1.0 - mom)  # |g| / sqrt(v) <= 1/sqrt(1-alpha); momentum sums it
+    return abs(lr) * per * math.sqrt(_count(ps)), 1.0
+
+
+def _sgd_rule(me, opt, gi, group, ps):
+    """w <- w - lr (g + wd w) without momentum; w <- w - lr buf with it; nesterov:
+    w <- w - lr (g + wd w + mu buf). Bound: lr (||g|| + max(mu, 1) ||buf||), times |1 - lr wd|."""
+    lr, mom = _scalar(group.get("lr")), _scalar(group.get("momentum")) or 0.0
+    if lr is None or mom < 0:
+        return None, 1.0
+    grads = [local_tensor(p.grad).detach() for p in ps]
+    terms = []
+    if mom == 0 or group.get("nesterov"):
+        terms.append(_device_norm(grads))
+    if mom > 0:
+        bufs = [local_tensor(opt.state[p]["momentum_buffer"]).detach() for p in ps
+                if isinstance(opt.state.get(p, {}).get("momentum_buffer"), torch.Tensor)]
+        if bufs:
+            terms.append(_device_norm(bufs) * max(mom, 1.0))
+        elif not terms:
+            terms.append(_device_norm(grads))
+    total = terms[0] if len(terms) == 1 else terms[0] + terms[1].to(terms[0].device)
+    return total * abs(lr), _decay_growth(abs(lr), group.get("weight_decay"))
+
+
+def _device_norm(ts: list[torch.Tensor]) -> torch.Tensor:
+    devs = {t.device for t in ts}
+    if len(devs) == 1:
+        return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(ts)]))
+    first = ts[0].device
+    parts = [torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm([t for t in ts if t.device == d])])).to(first)
+             for d in devs]
+    return torch.linalg.vector_norm(torch.stack(parts))
+
+
+def _adafactor_rule(me, opt, gi, group, ps):
+    """transformers' Adafactor: the update's RMS is clipped to `clip_threshold` per tensor, then
+    multiplied by the LR: `lr` or, with `relative_step`, min(1e-2, ...) <= 1e-2; with
+    `scale_parameter` also by max(eps2, RMS(p)) (multiplicative growth, no first moment)."""
+    clip = _scalar(group.get("clip_threshold"))
+    r = 1e-2 if group.get("relative_step") else _scalar(group.get("lr"))
+    if clip is None or r is None or clip < 0:
+        return None, 1.0
+    r = abs(r)
+    n = math.sqrt(_count(ps))
+    momentum = group.get("beta1") is not None
+    if group.get("scale_parameter"):
+        if momentum:
+            return None, 1.0
+        eps = group.get("eps")
+        eps2 = _scalar(eps[1]) if isinstance(eps, (tuple, list)) and len(eps) == 2 else None
+        if eps2 is None:
+            return None, 1.0
+        return r * clip * eps2 * n, (1.0 + r * clip) * _decay_growth(r, group.get("weight_decay"))
+    b = r * clip * n
+    if momentum:  # exp_avg is a convex combination of past (lr x clipped) updates
+        b = me.peak[gi] = max(b, me.peak.get(gi, 0.0))
+    return b, _decay_growth(r, group.get("weight_decay"))
+
+
+def _rule_for(opt: Any):
+    """The update-rule bound for the optimizer's exact class (a subclass may change the rule)."""
+    cls = type(opt)
+    torch_rules = {torch.optim.Adam: _adam_rule(adam_update_bound), torch.optim.AdamW: _adam_rule(adam_update_bound),
+                   torch.optim.Adamax: _adam_rule(adamax_update_bound), torch.optim.Adagrad: _adagrad_rule,
+                   torch.optim.RMSprop: _rmsprop_rule, torch.optim.SGD: _sgd_rule}
+    if cls in torch_rules:
+        return torch_rules[cls]
+    if cls.__name__ == "Adafactor" and cls.__module__ == "transformers.optimization":
+        return _adafactor_rule
+    return None
+
+
 def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateReport:
-    """Global norms of weights and of each optimizer-state key: one fused pass, one host sync.
-    A NaN/Inf anywhere shows up as a non-finite norm. `report.seconds` is what it took."""
+    """Global norms of weights and of each optimizer-state key, and the update odometers: one
+    fused pass, one host sync. A NaN/Inf anywhere shows up as a non-finite norm.
+    `report.seconds` is what it took."""
     t0 = time.perf_counter()
     norms: list[torch.Tensor] = []
     keys: list[str] = []
@@ -106,19 +412,30 @@ def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateRepo
     w = _global_norm([local_tensor(p) for p in model.parameters()])  # under FSDP2: this rank's shard
     norms.append(w if w is not None else torch.zeros(()))
     beta2 = None
+    tracked = None
+    pending: list[torch.Tensor] = []
     if optimizer is not None:
-        for k, ts in optimizer_state_tensors(optimizer).items():
+        opt = unwrap_optimizer(optimizer)
+        for k, ts in optimizer_state_tensors(opt).items():
             n = _global_norm(ts)
             if n is not None:
                 keys.append(k)
                 norms.append(n)
-        for g in unwrap_optimizer(optimizer).param_groups:
-            betas = g.get("betas")
-            if isinstance(betas, (tuple, list)) and len(betas) == 2:
-                beta2 = float(betas[1])
-                break
-    values = torch.stack([n.float() for n in norms]).tolist()
-    report = StateReport(weight_norm=values[0], optimizer_norms=dict(zip(keys, values[1:])), beta2=beta2, step=step)
+        beta2 = second_moment_beta(opt)
+        tracked = REACH.track(opt)
+        if tracked is not None and tracked.known:
+            with REACH.lock:
+                pending = [t.cpu() for t in REACH.pending()]
+    values = torch.stack([n.double().reshape(()) for n in norms] + [t.double().reshape(()) for t in pending]).tolist()
+    extra = values[len(norms):]
+    values = values[:len(norms)]
+    opt_norms = dict(zip(keys, values[1:]))
+    if tracked is not None and tracked.known:
+        with REACH.lock:
+            REACH.fold(extra)
+            opt_norms[REACH_KEY] = REACH.reach
+            opt_norms[GROWTH_KEY] = REACH.log_growth
+    report = StateReport(weight_norm=values[0], optimizer_norms=opt_norms, beta2=beta2, step=step)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -252,6 +569,9 @@ class Snapshot:
     rng_state: dict[str, Any]
     param_groups: list[dict[str, Any]] = field(default_factory=list)
     """The optimizer's param-group hyperparameters (`lr`, `initial_lr`, betas...), without params."""
+    group_state: list[dict[str, list[dict[str, Any]]]] = field(default_factory=list)
+    """Per param group, per-parameter state kept inside the group (GrokAdamW's `group["state"]`):
+    {group key: [per param of the group: its state, like `optimizer_state`]}."""
     extra: dict[str, Any] = field(default_factory=dict)
     report: StateReport | None = None
     healthy_steps_after: int = 0
@@ -399,17 +719,26 @@ class SnapshotRing:
         # the tensors to copy, in order, and the optimizer state's layout around them
         src: list[torch.Tensor] = list(tensors)
         layout: list[dict[str, Any]] = []
+        held_layout: list[dict[str, Any]] = []
+        """Per param group: {group key: [per param: its state entry]} for state kept in the group."""
         if opt is not None:
-            for group in opt.param_groups:
+            groups = opt.param_groups
+
+            def entry_of(state: dict[str, Any]) -> dict[str, Any]:
+                entry: dict[str, Any] = {}
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor):
+                        entry[k] = len(src)
+                        src.append(local_tensor(v))
+                    else:
+                        entry[k] = _Value(_copy_value(v, groups))
+                return entry
+
+            for group in groups:
                 for p in group["params"]:
-                    entry: dict[str, Any] = {}
-                    for k, v in opt.state.get(p, {}).items():
-                        if isinstance(v, torch.Tensor):
-                            entry[k] = len(src)
-                            src.append(local_tensor(v))
-                        else:
-                            entry[k] = _Value(copy.deepcopy(v))
-                    layout.append(entry)
+                    layout.append(entry_of(opt.state.get(p, {})))
+                held_layout.append({k: [entry_of(group[k].get(p, {})) for p in group["params"]]
+                                    for k in param_keyed_states(group)})
         specs = [_spec(t) for t in src]
         cuda = any(t.is_cuda for t in src) and torch.cuda.is_available()
 
@@ -439,9 +768,14 @@ class SnapshotRing:
             ref = store.views.__getitem__
         snap.optimizer_state = [{k: (v.value if isinstance(v, _Value) else ref(v)) for k, v in entry.items()}
                                 for entry in layout]
+        snap.group_state = [{gk: [{k: (v.value if isinstance(v, _Value) else ref(v)) for k, v in entry.items()}
+                                  for entry in entries] for gk, entries in held.items()} for held in held_layout]
         snap.scheduler_state = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
         if opt is not None:
-            snap.param_groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            # hyperparameters only: per-parameter state kept in a group went through the buffer above
+            # (deep-copying it would copy every tensor, and the parameters keying it, per snapshot)
+            snap.param_groups = [{k: _copy_value(v, opt.param_groups) for k, v in g.items()
+                                  if k != "params" and k not in param_keyed_states(g)} for g in opt.param_groups]
         snap.rng_state = _rng_state()
         snap.extra = copy.deepcopy(extra or {})
         snap.report = report
@@ -483,8 +817,9 @@ class SnapshotRing:
             if scheduler is not None and snap.scheduler_state is not None:
                 scheduler.load_state_dict(copy.deepcopy(snap.scheduler_state))
             if optimizer is not None and len(snap.param_groups) == len(unwrap_optimizer(optimizer).param_groups):
-                for g, saved in zip(unwrap_optimizer(optimizer).param_groups, snap.param_groups):
-                    g.update(copy.deepcopy(saved))
+                groups = unwrap_optimizer(optimizer).param_groups
+                for g, saved in zip(groups, snap.param_groups):
+                    g.update({k: _copy_value(v, groups) for k, v in saved.items()})
         if restore_rng:
             _set_rng_state(snap.rng_state)
         if any(t.is_cuda for t in tensors) and torch.cuda.is_available():
@@ -493,31 +828,25 @@ class SnapshotRing:
     @staticmethod
     def _restore_optimizer(snap: Snapshot, opt: torch.optim.Optimizer, get: Any) -> None:
         i = 0
-        for group in opt.param_groups:
+        for gi, group in enumerate(opt.param_groups):
             for p in group["params"]:
                 saved = snap.optimizer_state[i] if i < len(snap.optimizer_state) else {}
                 i += 1
                 if not saved:
                     opt.state.pop(p, None)
                     continue
-                cur = opt.state.setdefault(p, {})
-                for k in list(cur):
-                    if k not in saved:
-                        del cur[k]
-                for k, v in saved.items():
-                    if isinstance(v, _OnDisk):
-                        v = get(v.index)
-                    if isinstance(v, torch.Tensor):
-                        t = cur.get(k)
-                        t_local = local_tensor(t) if isinstance(t, torch.Tensor) else None
-                        if t_local is not None and t_local.shape == v.shape and t_local.dtype == v.dtype:
-                            t_local.copy_(v, non_blocking=True)
-                        elif v.dim() > 0:
-                            cur[k] = _like_param(p, v)
-                        else:
-                            cur[k] = v.clone()
-                    else:
-                        cur[k] = copy.deepcopy(v)
+                _restore_entry(opt.state.setdefault(p, {}), saved, p, get, opt.param_groups, like_param=True)
+            held = snap.group_state[gi] if gi < len(snap.group_state) else {}
+            for gk in param_keyed_states(group) + [k for k in held if k not in group]:
+                entries = held.get(gk)
+                if entries is None or len(entries) != len(group["params"]):
+                    continue
+                store = group.setdefault(gk, {})
+                for p, saved in zip(group["params"], entries):
+                    if not saved:
+                        store.pop(p, None)
+                        continue
+                    _restore_entry(store.setdefault(p, {}), saved, p, get, opt.param_groups, like_param=False)
 
     # ------------------------------------------------------------------------------------------
     # CUDA: copy on a side stream; the next optimizer step waits for it on the device
@@ -631,6 +960,54 @@ class SnapshotRing:
 
     def __len__(self) -> int:
         return len(self.snapshots)
+
+
+def _restore_entry(cur: dict[str, Any], saved: dict[str, Any], p: torch.Tensor, get: Any, groups: Any,
+                   like_param: bool) -> None:
+    """Put one parameter's saved state back into `cur` in place (tensors copied into the live ones
+    when they fit; else new ones, on the parameter's device for `optimizer.state`, on the saved
+    tensor's host for state kept in a param group, as GrokAdamW keeps it on the CPU)."""
+    for k in list(cur):
+        if k not in saved:
+            del cur[k]
+    for k, v in saved.items():
+        if isinstance(v, _OnDisk):
+            v = get(v.index)
+        if isinstance(v, torch.Tensor):
+            t = cur.get(k)
+            t_local = local_tensor(t) if isinstance(t, torch.Tensor) else None
+            if t_local is not None and t_local.shape == v.shape and t_local.dtype == v.dtype:
+                t_local.copy_(v, non_blocking=True)
+            elif v.dim() > 0 and like_param:
+                cur[k] = _like_param(p, v)
+            else:
+                cur[k] = v.clone()
+        else:
+            cur[k] = _copy_value(v, groups)
+
+
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None))
+
+
+def _copy_value(v: Any, groups: Any = ()) -> Any:
+    """A copy of a non-tensor optimizer value (a hyperparameter, a step count) that never copies
+    what it only points at: numbers and strings as they are, containers copied item by item,
+    tensors cloned, a param group (torch-optimi keeps `state["group"]`) and anything else
+    (callables such as GrokAdamW's `grokking_signal_fns`, whose deep copy would copy whatever
+    object they are bound to) by reference."""
+    if isinstance(v, _IMMUTABLE):
+        return v
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if any(v is g for g in groups):
+        return v
+    if isinstance(v, tuple):
+        return tuple(_copy_value(x, groups) for x in v)
+    if isinstance(v, list):
+        return [_copy_value(x, groups) for x in v]
+    if isinstance(v, dict) and not any(isinstance(k, torch.Tensor) for k in v):
+        return {k: _copy_value(x, groups) for k, x in v.items()}
+    return v
 
 
 @dataclass

@@ -2,6 +2,7 @@
 state; from one reused host buffer or from a safetensors file on disk (a damaged file is refused
 before anything is touched). No timing is asserted anywhere here: benchmarks/ measures cost."""
 import copy
+import math
 import os
 import random
 
@@ -358,3 +359,167 @@ def test_cuda_snapshot_is_pinned_async_and_bit_exact():
     for pid, st in want[1]["state"].items():
         for k, v in st.items():
             assert torch.equal(opt.state_dict()["state"][pid][k], v)
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer state wherever the optimizer keeps it (emulations with the real packages' layouts)
+# ------------------------------------------------------------------------------------------------
+class GrokAdamWLike(torch.optim.Optimizer):
+    """grokadamw 0.1.2's layout: per-parameter state in `group['state'][p]` (on the CPU), not in
+    `optimizer.state`; a list of callables in the group."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, alpha_init=0.98, lamb=2.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha_init=alpha_init,
+                                      lamb=lamb, grokking_signal_fns=[lambda: 0.0]))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = group.setdefault("state", {}).setdefault(p, {})
+                if not st:
+                    st.update(step=0, exp_avg=torch.zeros_like(p, device="cpu"),
+                              exp_avg_sq=torch.zeros_like(p, device="cpu"), grok_ema=torch.zeros_like(p, device="cpu"))
+                b1, b2 = group["betas"]
+                st["step"] += 1
+                st["grok_ema"].mul_(group["alpha_init"]).add_(p.grad, alpha=1 - group["alpha_init"])
+                g = p.grad + group["lamb"] * st["grok_ema"]
+                st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                size = group["lr"] * (1 - b2 ** st["step"]) ** 0.5 / (1 - b1 ** st["step"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(st["exp_avg"], st["exp_avg_sq"].sqrt().add_(group["eps"]), value=-size)
+
+
+class StableAdamWLike(torch.optim.Adam):
+    """torch-optimi's StableAdamW param-group naming: `beta1`/`beta2` instead of `betas`."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99)):
+        super().__init__(params, lr=lr, betas=betas)
+        for g in self.param_groups:
+            g["beta1"], g["beta2"] = g["betas"]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            g.pop("betas", None)
+            g["betas"] = (g["beta1"], g["beta2"])
+        out = super().step(closure)
+        for g in self.param_groups:
+            g.pop("betas")
+        return out
+
+
+class EightBitAdamLike(torch.optim.Optimizer):
+    """bitsandbytes' 8-bit Adam layout: `state1`/`state2` uint8 codes with float `absmax1`/`absmax2`
+    per block and a float `qmap`; a plain linear code here, the layout is what matters."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.995), block=64):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=1e-8, block=block))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2, blk = *group["betas"], group["block"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                n = p.numel()
+                nb = -(-n // blk)
+                if not st:
+                    st.update(step=torch.zeros(()), state1=torch.zeros(n, dtype=torch.uint8),
+                              state2=torch.zeros(n, dtype=torch.uint8), absmax1=torch.zeros(nb), absmax2=torch.zeros(nb),
+                              qmap1=torch.linspace(-1, 1, 256), qmap2=torch.linspace(0, 1, 256))
+                st["step"] += 1
+
+                def deq(code, absmax, qmap):
+                    v = qmap[code.long()].view(-1)
+                    return (torch.nn.functional.pad(v, (0, nb * blk - n)).view(nb, blk) * absmax[:, None]).view(-1)[:n]
+
+                def q(v, qmap, signed):
+                    vb = torch.nn.functional.pad(v, (0, nb * blk - n)).view(nb, blk)
+                    am = vb.abs().amax(1).clamp_min(1e-30)
+                    x = (vb / am[:, None]).view(-1)[:n]
+                    code = ((x + 1) / 2 * 255).round() if signed else (x * 255).round()
+                    return code.to(torch.uint8), am
+
+                g = p.grad.view(-1)
+                m = deq(st["state1"], st["absmax1"], st["qmap1"]) * b1 + (1 - b1) * g
+                v = deq(st["state2"], st["absmax2"], st["qmap2"]) * b2 + (1 - b2) * g * g
+                st["state1"], st["absmax1"] = q(m, st["qmap1"], True)
+                st["state2"], st["absmax2"] = q(v, st["qmap2"], False)
+                t = float(st["step"])
+                p.view(-1).addcdiv_(m / (1 - b1 ** t), (v / (1 - b2 ** t)).sqrt() + group["eps"], value=-group["lr"])
+
+
+def _variant_setup(cls, **kw):
+    torch.manual_seed(0)
+    model = tiny_llama(tiny_tokenizer(), hidden=32, layers=1)
+    opt = cls(model.parameters(), **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return model, opt, sched
+
+
+@pytest.mark.parametrize("cls", [GrokAdamWLike, StableAdamWLike, EightBitAdamLike])
+def test_every_floating_state_tensor_is_checked_wherever_it_is_kept(cls):
+    """Before: GrokAdamW's state (in the param group) and the 8-bit scales escaped the check."""
+    from self_healing.snapshot import iter_param_states, optimizer_state_tensors
+
+    model, opt, sched = _variant_setup(cls)
+    _train_steps(model, opt, sched, 2)
+    report = state_report(model, opt, 2)
+    assert report.optimizer_finite and report.state_norms()
+    keys = set(optimizer_state_tensors(opt))
+    want = {GrokAdamWLike: {"exp_avg", "exp_avg_sq", "grok_ema"}, StableAdamWLike: {"exp_avg", "exp_avg_sq", "step"},
+            EightBitAdamLike: {"absmax1", "absmax2", "qmap1", "qmap2", "step"}}[cls]
+    assert want <= keys, keys
+    _, _, _, st = next(iter(iter_param_states(opt)))
+    name = {GrokAdamWLike: "grok_ema", StableAdamWLike: "exp_avg", EightBitAdamLike: "absmax2"}[cls]
+    st[name].view(-1)[0] = float("nan")
+    bad = state_report(model, opt, 2)
+    assert not bad.optimizer_finite and not math.isfinite(bad.optimizer_norms[name])
+
+
+@pytest.mark.parametrize("cls,key", [(GrokAdamWLike, "exp_avg_sq"), (StableAdamWLike, "exp_avg_sq"),
+                                     (EightBitAdamLike, "absmax2")])
+def test_second_moment_decay_test_recognises_the_variants(cls, key):
+    """A zeroed second moment (the `zero_exp_avg_sq` fault) is seen for `exp_avg_sq` in a group's
+    state, with `beta1`/`beta2` names, and for 8-bit state through its per-block scales."""
+    from self_healing.detectors import compare_state
+    from self_healing.snapshot import iter_param_states
+
+    model, opt, sched = _variant_setup(cls)
+    _train_steps(model, opt, sched, 3)
+    ref = state_report(model, opt, 3)
+    assert ref.beta2 is not None
+    _train_steps(model, opt, sched, 2)
+    assert compare_state(state_report(model, opt, 5), ref, 10.0) is None  # healthy decay
+    for _, _, _, st in iter_param_states(opt):
+        st[key].zero_()
+    hit = compare_state(state_report(model, opt, 5), ref, 10.0)
+    assert hit is not None and hit.signal == "optimizer_state_corruption" and hit.evidence["state_key"] == key
+
+
+def test_state_kept_in_param_groups_is_snapshotted_once_not_deep_copied_and_restored():
+    """Before: every snapshot deep-copied GrokAdamW's `group['state']` (its tensors and, keying
+    them, the parameters themselves) and the callables in the group."""
+    model, opt, sched = _variant_setup(GrokAdamWLike)
+    _train_steps(model, opt, sched, 2)
+    ring = SnapshotRing(keep=2, verify_steps=0)
+    snap = ring.capture(model, opt, sched, step=2)
+    assert all("state" not in g for g in snap.param_groups)
+    assert snap.param_groups[0]["grokking_signal_fns"][0] is opt.param_groups[0]["grokking_signal_fns"][0]
+    held = snap.group_state[0]["state"]
+    assert len(held) == len(opt.param_groups[0]["params"])
+    store = {id(v) for v in snap.store.views}
+    assert all(id(e["exp_avg_sq"]) in store for e in held)  # in the reused host buffer
+    want = {k: v.clone() for k, v in opt.param_groups[0]["state"][opt.param_groups[0]["params"][0]].items()
+            if isinstance(v, torch.Tensor)}
+    want_step = opt.param_groups[0]["state"][opt.param_groups[0]["params"][0]]["step"]
+    _train_steps(model, opt, sched, 3)
+    ring.restore(snap, model, opt, sched)
+    got = opt.param_groups[0]["state"][opt.param_groups[0]["params"][0]]
+    assert got["step"] == want_step and all(torch.equal(got[k], v) for k, v in want.items())
