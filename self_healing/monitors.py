@@ -19,6 +19,7 @@ Trainer/SFT/Reward    `OverfittingMonitor` (overfitting)
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections import deque
@@ -203,7 +204,14 @@ class RewardCollapseMonitor:
     """GRPO/RLOO: no spread of rewards inside the groups (TRL's `frac_reward_zero_std` at 1, or
     `reward_std` at 0 when that is not logged) for `reward_collapse_patience_steps`: every
     advantage is 0, so the policy gets no gradient at all. Or the mean `reward` (smoothed) falls
-    back by `reward_drop_fraction` of what it had gained, for as long. Action: alert."""
+    back by `reward_drop_fraction` of what it had gained, for as long. Action: alert.
+
+    Saturation is not collapse: when the rewards had a spread earlier in the run (the reward
+    function does tell completions apart) and now sit, without spread, at the highest mean reward
+    the run has reached, the policy *solved* the task: an INFO note ("the task is solved or too
+    easy: no learning signal left"), logged once per episode, kept in `notes`, and no finding.
+    Flat rewards that never varied (a constant or silently failing reward function) or that sit
+    below the best the run reached stay a collapse."""
 
     name = "reward_collapse"
 
@@ -216,6 +224,19 @@ class RewardCollapseMonitor:
         self.first: float | None = None
         self.best: float | None = None
         self.best_step: int | None = None
+        self.best_reward: float | None = None
+        """Highest logged mean reward (unsmoothed)."""
+        self.had_spread = False
+        """Some logged step had rewards that differed inside a group."""
+        self.notes: list[dict[str, Any]] = []
+        """INFO-level findings (saturation): not failures, never acted on."""
+        self._saturated_noted = False
+
+    def _at_top(self, reward: float | None) -> bool:
+        if reward is None or self.best_reward is None or not self.had_spread:
+            return False
+        tol = max(self.config.reward_std_tolerance, 1e-6 * max(1.0, abs(self.best_reward)))
+        return reward >= self.best_reward - tol
 
     def on_log(self, step: int, logs: Mapping[str, Any]) -> list[Diagnosis]:
         if not _is_train_log(logs):
@@ -223,24 +244,42 @@ class RewardCollapseMonitor:
         cfg = self.config
         out: list[Diagnosis] = []
         zero, std, reward = _num(logs, "frac_reward_zero_std"), _num(logs, "reward_std"), _num(logs, "reward")
+        if reward is not None:
+            self.best_reward = reward if self.best_reward is None else max(self.best_reward, reward)
         if zero is not None or std is not None:
             flat = zero >= 1.0 - 1e-6 if zero is not None else std <= cfg.reward_std_tolerance
             span = self.spread.update(step, flat)
             if span >= cfg.reward_collapse_patience_steps and self.spread.count >= 2:
                 start = self.spread.start
-                self.spread.reset()
-                ev = {"frac_reward_zero_std": zero, "reward_std": std, "reward": reward, "steps": span,
-                      "since_step": start}
-                out.append(_diag(FailureKind.REWARD_COLLAPSE,
-                                 f"reward collapse: every group of completions got the same reward for {span} steps "
-                                 f"(since step {start}; reward {reward if reward is None else round(reward, 4)}, "
-                                 f"std {std if std is None else round(std, 6)}): the group-normalised advantages are 0 "
-                                 "and the policy receives no learning signal. Check the reward function (constant? "
-                                 "failing silently?), raise the sampling temperature or num_generations", ev,
-                                 [Action.ALERT], step))
+                if self._at_top(reward):  # solved: a note, once per flat episode
+                    if not self._saturated_noted:
+                        self._saturated_noted = True
+                        self._note_saturation(step, start, span, reward)
+                else:
+                    self.spread.reset()
+                    ev = {"frac_reward_zero_std": zero, "reward_std": std, "reward": reward, "steps": span,
+                          "since_step": start}
+                    out.append(_diag(FailureKind.REWARD_COLLAPSE,
+                                     f"reward collapse: every group of completions got the same reward for {span} "
+                                     f"steps (since step {start}; reward {reward if reward is None else round(reward, 4)}, "
+                                     f"std {std if std is None else round(std, 6)}): the group-normalised advantages "
+                                     "are 0 and the policy receives no learning signal. Check the reward function "
+                                     "(constant? failing silently?), raise the sampling temperature or num_generations",
+                                     ev, [Action.ALERT], step))
+            if not flat:
+                self.had_spread = True
+                self._saturated_noted = False
         if reward is not None:
             out.extend(self._mean_drop(step, reward))
         return out
+
+    def _note_saturation(self, step: int, start: int | None, span: int, reward: float | None) -> None:
+        note = {"step": step, "since_step": start, "steps": span, "reward": reward, "best_reward": self.best_reward,
+                "summary": f"every group of completions got the top reward {reward:.4g} for {span} steps (since step "
+                           f"{start}): the task is solved or too easy: no learning signal left (the advantages are "
+                           "0). Not a failure; stop early, or make the task harder"}
+        self.notes.append(note)
+        logging.getLogger("self_healing").info("self-healing: step %s: %s", step, note["summary"])
 
     def _mean_drop(self, step: int, reward: float) -> list[Diagnosis]:
         cfg = self.config

@@ -174,3 +174,36 @@ def test_overfitting_rearms_only_after_growth_or_recovery():
     assert len(m.on_evaluate(8, {"eval_loss": 2.6})) == 1  # 1.6
     assert m.on_evaluate(9, {"eval_loss": 1.2}) == [] and len(m.on_evaluate(10, {"eval_loss": 1.6})) == 1
     assert math.isclose(m.last_gap, 0.6)
+
+
+def test_reward_saturation_at_the_top_is_an_info_note_not_a_collapse(caplog):
+    """GRPO that *solved* its task: the rewards varied, climbed, and now every completion gets the
+    top reward (std 0). Before: "reward collapse ... check the reward function" (a WARN finding).
+    Now an INFO note, no finding; real collapses (flat from the start, flat below the best) stay."""
+    import logging
+
+    m = RewardCollapseMonitor(cfg(reward_collapse_patience_steps=4))
+    found = []
+    for step in range(1, 6):  # learning: spread, mean climbing to 1.0
+        found += m.on_log(step, {"reward": 0.5 + 0.1 * step, "reward_std": 0.3, "frac_reward_zero_std": 0.0})
+    with caplog.at_level(logging.INFO, logger="self_healing"):
+        for step in range(6, 30):  # solved: every completion at the top reward
+            found += m.on_log(step, {"reward": 1.0, "reward_std": 0.0, "frac_reward_zero_std": 1.0})
+    assert found == []
+    assert len(m.notes) == 1 and "solved or too easy" in m.notes[0]["summary"]
+    info = [r for r in caplog.records if "solved or too easy" in r.getMessage()]
+    assert len(info) == 1 and info[0].levelno == logging.INFO
+
+    # flat below the best the run reached: a collapse
+    m = RewardCollapseMonitor(cfg(reward_collapse_patience_steps=4))
+    for step in range(1, 6):
+        m.on_log(step, {"reward": 0.9, "reward_std": 0.3, "frac_reward_zero_std": 0.0})
+    hits = [d for step in range(6, 14) for d in m.on_log(step, {"reward": 0.0, "reward_std": 0.0,
+                                                                "frac_reward_zero_std": 1.0})]
+    assert hits and hits[0].failure.value == "reward_collapse" and m.notes == []
+
+    # flat from the first step (a constant reward function): a collapse, as before
+    m = RewardCollapseMonitor(cfg(reward_collapse_patience_steps=4))
+    hits = [d for step in range(1, 9) for d in m.on_log(step, {"reward": 1.0, "reward_std": 0.0,
+                                                               "frac_reward_zero_std": 1.0})]
+    assert hits and "check the reward function" in hits[0].summary.lower() and m.notes == []
