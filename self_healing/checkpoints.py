@@ -234,6 +234,38 @@ def write_resume_checkpoint(trainer: Any, step: int, extra_state: dict[str, Any]
     return final
 
 
+def preemption_checkpoint(trainer: Any, step: int) -> tuple[Path | None, str | None]:
+    """After the Trainer's save at a preemption (`step` finished): the checkpoint a relaunch will
+    resume from, and what was wrong on the way (None when nothing was).
+
+    The Trainer's `checkpoint-<step>` when it verifies. It does not with `save_only_model=True`
+    (no optimizer, scheduler or RNG state: a resume from it would silently restart the optimizer,
+    and auto-resume refuses it), nor when the save was cut short: then the in-memory state, which
+    is exactly that of the finished step, is written as a full resume checkpoint in the plugin's
+    own directory (`resume-step-<step>`), which `latest_verified_checkpoint` finds. Every rank
+    calls this; the ranks agree on whether the fallback is needed before any of them writes."""
+    from .distributed import agree_max
+
+    user = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    ok, why = verify_checkpoint(user)
+    if agree_max(0.0 if ok else 1.0) == 0.0:
+        return user, None
+    if bool(getattr(trainer.args, "should_save", True)):
+        logger.warning("self-healing: the preemption checkpoint %s cannot be resumed from (%s)%s; writing a full "
+                       "resume checkpoint (weights, optimizer, scheduler, RNG, trainer state) of step %s", user, why,
+                       " because save_only_model=True" if getattr(trainer.args, "save_only_model", False) else "",
+                       step)
+    problem = f"{user.name}: {why}"
+    try:
+        path = write_resume_checkpoint(trainer, step)
+    except Exception as e:  # noqa: BLE001 - the caller reports it; the run is stopping either way
+        return None, f"{problem}; the full resume checkpoint could not be written ({type(e).__name__}: {e})"
+    ok, why = verify_checkpoint(path)
+    if not ok:
+        return None, f"{problem}; the full resume checkpoint {path} does not verify either ({why})"
+    return path, problem
+
+
 def prune_resume_checkpoints(output_dir: str | os.PathLike, keep: Path) -> list[str]:
     """Delete the plugin's older resume checkpoints once `keep` exists and verifies."""
     removed: list[str] = []

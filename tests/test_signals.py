@@ -224,3 +224,114 @@ def test_fisher_ema_interpolation_and_ewc_gradient():
     pen = add_ewc_gradient([p], [torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 4.0])], lam=0.5)
     assert torch.allclose(p.grad, torch.tensor([0.5, 4.0]))  # lam * F * (w - anchor)
     assert pen == pytest.approx(0.25 * (1 * 1 + 4 * 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# preemption: the checkpoint always holds what a resume needs, save_only_model or not
+# ---------------------------------------------------------------------------------------------
+_PREEMPTED_RUN = '''
+import os, signal, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+torch.set_num_threads(1)
+from transformers import TrainerCallback
+from self_healing import HealingConfig, SelfHealingTrainer
+from self_healing.tiny import build_trainer
+
+out, max_steps, term_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+class Progress(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        print(f"STEP {state.global_step}", flush=True)
+        if state.global_step == term_at:  # the scheduler's SIGTERM, at a known step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+tr = build_trainer("sft", output_dir=out, max_steps=max_steps, callbacks=[Progress()], save_only_model=True,
+                   save_strategy="steps", save_steps=4)
+sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5))
+sh.train()
+adam_steps = {int(s["step"]) for s in tr.optimizer.state_dict()["state"].values()}
+print(f"DONE {tr.state.global_step} {sh.exit_reason} ADAM {sorted(adam_steps)}", flush=True)
+'''
+
+
+def test_sigterm_with_save_only_model_leaves_a_full_checkpoint_and_the_relaunch_resumes_it(tmp_path):
+    """`save_only_model=True`: the Trainer's checkpoint has weights only. The preemption must still
+    leave what a resume needs (optimizer, scheduler, RNG, trainer state), and the relaunch resume
+    from it: the optimizer carries on (Adam's step count is the total), not a fresh start at 0."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    from self_healing.checkpoints import verify_checkpoint
+
+    script = tmp_path / "run.py"
+    script.write_text(_PREEMPTED_RUN)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run([sys.executable, str(script), str(out), "14", "6"], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+    pm = json.loads((out / "postmortem.json").read_text())
+    stopped = pm["last_step"]  # the step the signal arrived in, or the next (where the plugin saw it)
+    assert pm["exit_reason"] == "interrupted" and stopped in (6, 7)
+    assert pm["checkpoint"] is not None, pm.get("checkpoint_problem")
+    ckpt = Path(pm["checkpoint"])
+    assert verify_checkpoint(ckpt) == (True, "ok")
+    for f in ("optimizer.pt", "scheduler.pt", "trainer_state.json"):
+        assert (ckpt / f).is_file(), f
+    assert list(ckpt.glob("rng_state*.pth"))
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == stopped
+    assert "save_only_model" in first.stderr  # said why the plugin wrote its own
+
+    again = subprocess.run([sys.executable, str(script), str(out), "14", "-1"], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [int(line.split()[1]) for line in again.stdout.splitlines() if line.startswith("STEP ")]
+    assert steps[0] == stopped + 1 and steps[-1] == 14, steps
+    assert "DONE 14 completed ADAM [14]" in again.stdout, again.stdout[-500:]
+    pm2 = json.loads((out / "postmortem.json").read_text())
+    assert pm2["resumed"]["from"] == str(ckpt)
+
+
+def test_a_preemption_that_leaves_no_resumable_checkpoint_says_so_loudly(tmp_path, caplog, monkeypatch):
+    """When no full checkpoint can be written either, the interrupted postmortem says why, an error
+    is logged at exit, and the relaunch warns that it starts from scratch."""
+    import signal
+
+    import self_healing.checkpoints as ck
+    from self_healing import HealingConfig, SelfHealingTrainer
+    from self_healing.tiny import build_trainer
+    from transformers import TrainerCallback
+
+    class Term(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                import os
+
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def disk_gone(trainer, step, extra_state=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "write_resume_checkpoint", disk_gone)
+    out = tmp_path / "run"
+    tr = build_trainer("trainer", output_dir=str(out), max_steps=8, callbacks=[Term()], save_only_model=True)
+    with caplog.at_level("WARNING", logger="self_healing"), pytest.raises(SystemExit) as e:
+        SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5)).train()
+    assert e.value.code == 128 + signal.SIGTERM
+    import json
+
+    pm = json.loads((out / "postmortem.json").read_text())
+    assert pm["checkpoint"] is None and "No space left" in pm["checkpoint_problem"]
+    assert "no optimizer.pt" in pm["checkpoint_problem"]
+    assert any(r.levelname == "ERROR" and "NO resumable checkpoint" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    tr2 = build_trainer("trainer", output_dir=str(out), max_steps=4)
+    with caplog.at_level("WARNING", logger="self_healing"):
+        SelfHealingTrainer(tr2, HealingConfig(snapshot_every_steps=5)).train()
+    assert "left no verified checkpoint; starting from scratch" in caplog.text
