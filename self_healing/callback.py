@@ -33,7 +33,8 @@ from transformers import TrainerCallback
 
 from .config import HealingConfig
 from .detectors import Detection, StateReport, StepMonitor, StepSignals, compare_state
-from .diagnosis import Action, Diagnosis, FailureKind, diagnose, diagnose_exception, diagnose_state
+from .diagnosis import (Action, Diagnosis, FailureKind, diagnose, diagnose_exception, diagnose_state,
+                        exception_origin, tag_origin)
 from .distributed import (EXCEPTION_CODES, CODE_KINDS, RankFailure, agree_max, combine_losses, gather_rows,
                           is_distributed, is_dtensor, per_rank_view, recover_fsdp_iteration)
 from .healing import (HealingPolicy, restore_scheduled_lr, scale_lr, scheduled_lrs, skip_update,
@@ -83,6 +84,17 @@ def _raised_inside(exc: BaseException, path_part: str, function: str | None = No
             return True
         tb = tb.tb_next
     return False
+
+
+def step_origin(exc: BaseException) -> str:
+    """Where inside the training step `exc` was raised: in the model's forward/backward on the
+    batch (`forward`), in a tokenizer call (`collate`: building the batch), else `step` (the loss
+    computation, a reward function, the trainer's own code)."""
+    if _raised_inside(exc, "/tokenization_utils") or _raised_inside(exc, "/tokenizers/"):
+        return "collate"
+    if _raised_inside(exc, "torch/nn/modules/module.py") or _raised_inside(exc, "torch/autograd/"):
+        return "forward"
+    return "step"
 
 
 def _is_fsdp(accelerator: Any) -> bool:
@@ -155,6 +167,7 @@ class GuardedCollator:
         try:
             return self.collate(features)
         except Exception as exc:  # noqa: BLE001 - classified below
+            tag_origin(exc, "collate")
             if diagnose_exception(exc).failure == FailureKind.DATA_ERROR:
                 return SkippedBatch(exc)
             raise
@@ -181,6 +194,21 @@ def _measure_grad_norm(accelerator, model) -> torch.Tensor | None:
             grads = [p.grad for p in model.parameters() if p.grad is not None]  # after: unscale may replace them
             return torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
     return accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+
+def _calling_trainer(callback: Any) -> Any:
+    """The Trainer whose callback list holds `callback`, found on the call stack (during its
+    `__init__` or `train`). None when there is none."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        handler = getattr(obj, "callback_handler", None)
+        if handler is not None and hasattr(obj, "args") and any(c is callback for c in getattr(handler, "callbacks", [])):
+            return obj
+        frame = frame.f_back
+    return None
+
 
 class SelfHealingCallback(TrainerCallback):
     """Per-step detection and in-loop healing. Use through `SelfHealingTrainer`, or alone with
@@ -212,13 +240,22 @@ class SelfHealingCallback(TrainerCallback):
         """This logging window's (steps, finite steps, sum of finite losses), as judged."""
         self._orig_base_lrs: list[float] | None = None
         self._wrapped: dict[str, Any] = {}
+        self._kind: str | None = None
+        self.orchestrator: Any = None
+        """The `SelfHealingTrainer` that `trainer.train` runs through when attached without one."""
+        self.orchestrator_active = False
+        """True while an orchestrator's `train()` is running (it writes the postmortem then)."""
+        self.early_warning: Any = None
+        self.postmortem: dict[str, Any] | None = None
+        self._last_window_skipped = False
+        self.streamed_data = False
+        """The training data is an iterable dataset (a stream): its bad batches cannot be skipped."""
         self.zclip = None
         self.passthrough = False
         """While True (during `dry_run`), the wrappers only call through: failures must surface."""
         self.phase = "train"
         """What the Trainer is doing: "train", "eval" or "save" (an OOM in eval must not shrink the
         training batch)."""
-        self.exception_phase: str | None = None
         self.preempt_signal: int | None = None
         self.preempted_at: int | None = None
         self.observers: list[Any] = []
@@ -236,32 +273,52 @@ class SelfHealingCallback(TrainerCallback):
     # wiring
     # ------------------------------------------------------------------------------------------
     def attach(self, trainer: Any, orchestrated: bool = False) -> "SelfHealingCallback":
+        """Install the plugin on `trainer`. Without `orchestrated` (the `SelfHealingTrainer`
+        wrapper passes it), `trainer.train` itself is wrapped, so `.attach()` and
+        `callbacks=[SelfHealingCallback(cfg)]` heal exceptions exactly like the wrapper does.
+        A plugin attached earlier to the same trainer (a re-run notebook cell) is replaced."""
         if self.trainer is not None:
-            raise RuntimeError("this SelfHealingCallback is already attached to a trainer")
+            if self.trainer is trainer:
+                return self
+            raise RuntimeError("this SelfHealingCallback is already attached to another trainer; "
+                               "create one SelfHealingCallback per trainer")
+        for other in [c for c in trainer.callback_handler.callbacks
+                      if isinstance(c, SelfHealingCallback) and c is not self]:
+            if other.trainer is trainer:
+                logger.warning("self-healing: this trainer already had a self-healing plugin; the new one replaces it "
+                               "(attach once per trainer)")
+                other.detach()
+            elif other.trainer is None:  # an unattached callbacks=[...] instance would be a second plugin
+                trainer.remove_callback(other)
         self.trainer = trainer
         self.orchestrated = orchestrated
         if getattr(trainer.args, "process_index", 0) != 0:
             logger.setLevel(logging.ERROR)  # one voice: the main process logs, the others only errors
-        kind = trainer_kind(trainer)
+        self._kind = kind = trainer_kind(trainer)
         self.monitor = StepMonitor(self.config, loss_signals=kind not in _POLICY_LOSS_TRAINERS)
         self._wrap("training_step", self._make_training_step)
         if hasattr(trainer, "_get_grad_norm"):
             self._wrap("_get_grad_norm", self._make_get_grad_norm)
         if hasattr(trainer, "get_batch_samples") and hasattr(trainer, "_get_num_items_in_batch"):
             self._wrap("get_batch_samples", self._make_get_batch_samples)
+        self._wrap("get_train_dataloader", self._make_get_train_dataloader)
         self._wrap("evaluate", self._make_phase("eval"))
         self._wrap("log", self._make_log)
         if hasattr(trainer, "_save_checkpoint"):
             self._wrap("_save_checkpoint", self._make_phase("save"))
         if self.config.zclip_enabled:
-            self.zclip = ZClip.from_config(self.config)
-            cap = float(getattr(trainer.args, "max_grad_norm", 0) or 0)
-            self.zclip.warmup_max_norm = cap if cap > 0 else None
+            self.zclip = self._new_zclip()
             self._wrap("_clip_grad_norm", self._make_clip_grad_norm)
-        self.guard_collator()
-        trainer.add_callback(self)
+        self.orchestrator = None
+        if not orchestrated:
+            from .trainer import SelfHealingTrainer
+
+            self.orchestrator = SelfHealingTrainer(trainer, self.config, callback=self)
+            self._wrap("train", self._make_train)
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
         # trainer-aware monitors (chosen by the trainer's type) and the trackio dashboard
-        self.monitors.extend(monitors_for(kind, self.config, trainer.args))
+        self.monitors = monitors_for(kind, self.config, trainer.args)
         self.tracker = make_tracker(self, trainer.args)
         if self.tracker is not None:
             self.observers.append(self.tracker)
@@ -276,32 +333,69 @@ class SelfHealingCallback(TrainerCallback):
         self.early_warning = attach_early_warning(self)
         return self
 
+    def _new_zclip(self) -> ZClip:
+        z = ZClip.from_config(self.config)
+        cap = float(getattr(self.trainer.args, "max_grad_norm", 0) or 0)
+        z.warmup_max_norm = cap if cap > 0 else None
+        return z
+
+    def start_run(self) -> None:
+        """A fresh `train()` call (a resume included: what belongs to a checkpoint comes back
+        from it) starts from a clean slate: snapshots, escalation, detector windows, ZClip
+        statistics, monitors and the postmortem of an earlier `train()` describe another run."""
+        self.recorder = PostmortemRecorder(self.config)
+        self.policy = HealingPolicy(self.config)
+        self.ring.clear()
+        self.monitor = StepMonitor(self.config, loss_signals=self._kind not in _POLICY_LOSS_TRAINERS)
+        if self.zclip is not None:
+            self.zclip = self._new_zclip()
+        self.monitors = monitors_for(self._kind, self.config, self.trainer.args)
+        self.gave_up, self.give_up_reason, self.postmortem = False, None, None
+        self.preempt_signal = self.preempted_at = None
+        self._agreed_preempt = 0
+        self._ref_report = None
+        self._orig_base_lrs = None
+        self._step_times.clear()
+        self._last_step_end = None
+        self._log_window = [0, 0, 0.0]
+        self.snapshot_interval = self.config.snapshot_every_steps if isinstance(
+            self.config.snapshot_every_steps, int) else 10
+        if getattr(self, "early_warning", None) is not None:
+            from .early_warning import attach_early_warning
+
+            self.trainer.remove_callback(self.early_warning)
+            self.observers.remove(self.early_warning)
+            self.early_warning = attach_early_warning(self)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        """`Trainer(..., callbacks=[SelfHealingCallback(cfg)])`: the Trainer gives callbacks no
+        reference to itself, so find the one whose `__init__` is calling us and attach to it."""
+        if self.trainer is None:
+            trainer = _calling_trainer(self)
+            if trainer is not None:
+                self.attach(trainer)
+        return control
+
     def guard_collator(self) -> None:
-        """(Re)install the collator guard; called again before each `train()` in case the user
-        replaced `trainer.data_collator`."""
-        c = getattr(self.trainer, "data_collator", None)
-        if c is not None and not isinstance(c, GuardedCollator):
-            self.trainer.data_collator = GuardedCollator(c)
+        """Kept for compatibility: the collator is now guarded only while the training
+        dataloader is built (`get_train_dataloader`), so evaluation sees the user's collator."""
 
     def set_passthrough(self, on: bool) -> None:
         self.passthrough = on
-        if isinstance(getattr(self.trainer, "data_collator", None), GuardedCollator):
-            self.trainer.data_collator.passthrough = on
 
     def detach(self) -> None:
-        for name, orig in self._wrapped.items():
+        """Undo `attach`: the trainer's methods and callback list are as they were."""
+        for name, orig in reversed(list(self._wrapped.items())):
             if orig is None:
                 self.trainer.__dict__.pop(name, None)
             else:
                 setattr(self.trainer, name, orig)
         self._wrapped.clear()
-        self.trainer.remove_callback(self)
-        if self.tracker is not None:
-            self.trainer.remove_callback(self.tracker)
-        if self.journal is not None:
-            self.trainer.remove_callback(self.journal)
-        if getattr(self, "early_warning", None) is not None:
-            self.trainer.remove_callback(self.early_warning)
+        for cb in (self, self.tracker, self.journal, getattr(self, "early_warning", None)):
+            if cb is not None and cb in self.trainer.callback_handler.callbacks:
+                self.trainer.remove_callback(cb)
+        self.observers.clear()
+        self.trainer = None
 
     def _wrap(self, name: str, factory) -> None:
         t = self.trainer
@@ -318,10 +412,11 @@ class SelfHealingCallback(TrainerCallback):
                     loss = orig(model, inputs, num_items_in_batch, *args, **kwargs)
                     break
                 except Exception as exc:  # noqa: BLE001 - classified below; anything else propagates
+                    tag_origin(exc, step_origin(exc))
                     d = diagnose_exception(exc, step=self.trainer.state.global_step + 1)
                     if d.failure == FailureKind.API_ERROR and retries < self.config.max_api_retries:
                         retries += 1  # a reward model behind an API, a streamed shard: wait and retry
-                        self._backoff(retries, d)
+                        self._backoff(retries, d, record=True)
                         continue
                     recover_fsdp_iteration(self.model)
                     if d.failure == FailureKind.OOM:
@@ -348,13 +443,20 @@ class SelfHealingCallback(TrainerCallback):
             """The Trainer's own fetch loop, plus: a batch whose collation failed (a `SkippedBatch`
             from the guarded collator) is recorded and the next one taken in its place."""
             if self.passthrough:
-                return orig(epoch_iterator, num_batches, *args, **kwargs)
+                try:
+                    return orig(epoch_iterator, num_batches, *args, **kwargs)
+                except Exception as exc:
+                    tag_origin(exc, "data")
+                    raise
             batches: list[Any] = []
             while len(batches) < num_batches:
                 try:
                     batch = next(epoch_iterator)
                 except StopIteration:
                     break  # end of epoch
+                except Exception as exc:  # the dataset or its iterator raised (not the guarded collator)
+                    tag_origin(exc, "data")
+                    raise
                 if isinstance(batch, SkippedBatch):
                     exc = batch.exception
                     d = diagnose_exception(exc, step=self.trainer.state.global_step + 1)
@@ -380,9 +482,9 @@ class SelfHealingCallback(TrainerCallback):
                 before, self.phase = self.phase, phase
                 try:
                     return orig(*args, **kwargs)
-                except BaseException:
-                    if self.exception_phase is None:  # the innermost phase is where it failed
-                        self.exception_phase = phase
+                except BaseException as exc:
+                    if exception_origin(exc) not in ("eval", "save"):  # the innermost phase is where it failed
+                        tag_origin(exc, phase, override=True)
                     raise
                 finally:
                     self.phase = before
@@ -391,12 +493,48 @@ class SelfHealingCallback(TrainerCallback):
 
         return factory
 
-    def _backoff(self, attempt: int, d: Diagnosis) -> float:
-        """Exponential backoff from `api_backoff_seconds`, doubling, capped, with full jitter."""
+    def _make_get_train_dataloader(self, orig):
+        def get_train_dataloader(*args, **kwargs):
+            """The training dataloader collates through `GuardedCollator` (a bad batch is skipped,
+            not fatal); evaluation and prediction dataloaders keep the user's collator, so their
+            errors surface unchanged."""
+            t = self.trainer
+            c = getattr(t, "data_collator", None)
+            # A stream is dispatched batch by batch (accelerate broadcasts and slices each one): a
+            # skipped batch cannot travel through it, so a stream's data errors surface unchanged.
+            self.streamed_data = isinstance(getattr(t, "train_dataset", None), torch.utils.data.IterableDataset)
+            if self.passthrough or c is None or isinstance(c, GuardedCollator) or self.streamed_data:
+                return orig(*args, **kwargs)
+            t.data_collator = GuardedCollator(c)
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                t.data_collator = c
+
+        return get_train_dataloader
+
+    def _make_train(self, orig):
+        self.orchestrator._inner_train = orig
+
+        def train(*args, **kwargs):
+            return self.orchestrator.train(*args, **kwargs)
+
+        return train
+
+    def _backoff(self, attempt: int, d: Diagnosis, record: bool = False) -> float:
+        """Exponential backoff from `api_backoff_seconds`, doubling, capped, with full jitter.
+        `record`: this retry is an event of its own in the postmortem (a retry inside the step;
+        the orchestrator records its resumes itself), so flaky storage shows when it struck."""
         base = self.config.api_backoff_seconds * (2 ** (attempt - 1))
         delay = min(base, self.config.api_backoff_max_seconds) * (0.5 + random.random() / 2)
         logger.warning("self-healing: %s; retry %s/%s in %.2fs", d.summary, attempt, self.config.max_api_retries, delay)
         self.recorder.counters["api_retries"] = self.recorder.counters.get("api_retries", 0) + 1
+        if record:
+            event = self.recorder.record(d.step if d.step is not None else self.trainer.state.global_step + 1, d,
+                                         [Action.BACKOFF_RETRY.value],
+                                         {"retry": attempt, "of": self.config.max_api_retries,
+                                          "backoff_seconds": round(delay, 3), "phase": self.phase})
+            self._notify("on_event", event)
         time.sleep(delay)
         return delay
 
@@ -452,6 +590,8 @@ class SelfHealingCallback(TrainerCallback):
                         logs["loss"] = total / n_finite
                     else:
                         logs.pop("loss")
+                if self._last_window_skipped:  # the norm of the gradients a failed step never had
+                    logs.pop("grad_norm", None)
             return orig(logs, *args, **kwargs)
 
         return log
@@ -500,6 +640,14 @@ class SelfHealingCallback(TrainerCallback):
     # events
     # ------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:  # callbacks=[...] on a trainer not found at its __init__
+            trainer = _calling_trainer(self)
+            if trainer is None:
+                logger.error("self-healing: SelfHealingCallback could not find its Trainer; this run is NOT "
+                             "protected. Use SelfHealingTrainer(trainer) or SelfHealingCallback(cfg).attach(trainer)")
+                return control
+            self.attach(trainer)
+            self.start_run()
         self.gave_up = False
         self.give_up_reason = None
         self._reset_step()
@@ -525,17 +673,24 @@ class SelfHealingCallback(TrainerCallback):
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:  # not attached (see on_train_begin)
+            return control
         self._reset_step()
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer is None:  # not attached (see on_train_begin)
+            return control
         step = state.global_step + 1
         signals = self._signals(step)
+        failed = signals.exception is not None  # the step's loss and norm are stand-ins, not measurements
+        self._last_window_skipped = failed
         if isinstance(signals.loss, float):
-            finite = math.isfinite(signals.loss)
+            finite = math.isfinite(signals.loss) and not failed
             self._log_window = [self._log_window[0] + 1, self._log_window[1] + finite,
                                 self._log_window[2] + (signals.loss if finite else 0.0)]
-        self.recorder.observe(step, signals.loss, signals.grad_norm, signals.lrs[0] if signals.lrs else None)
+        self.recorder.observe(step, None if failed else signals.loss, None if failed else signals.grad_norm,
+                              signals.lrs[0] if signals.lrs else None)
         info: dict[str, Any] = {"skipped": False}
         detections = self.monitor.check(signals)
         if not detections:
@@ -558,6 +713,8 @@ class SelfHealingCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer is None:  # not attached (see on_train_begin)
+            return control
         if self.zclip is not None:  # saved into trainer_state.json by the next checkpoint
             save_to_trainer_state(self.zclip, state)
         now = time.perf_counter()
@@ -585,6 +742,8 @@ class SelfHealingCallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.trainer is None:  # not attached (see on_train_begin)
+            return control
         if logs:
             self.recorder.last_metrics.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
             for m in self.monitors:
@@ -594,6 +753,8 @@ class SelfHealingCallback(TrainerCallback):
         return control
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.trainer is None:  # not attached (see on_train_begin)
+            return control
         for m in self.monitors:
             if metrics and hasattr(m, "on_evaluate"):
                 for diag in m.on_evaluate(state.global_step, metrics) or []:
@@ -601,7 +762,7 @@ class SelfHealingCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if not self.orchestrated:
+        if self.trainer is not None and not self.orchestrator_active:
             self.finish("gave_up" if self.gave_up else "completed")
         return control
 
@@ -703,7 +864,7 @@ class SelfHealingCallback(TrainerCallback):
         if det.signal in ("weight_corruption", "optimizer_state_corruption"):
             diag = diagnose_state(det)
         else:
-            state = self._inspect(step) if det.signal in ("nonfinite_loss", "loss_spike", "exception") else None
+            state = self._inspect(step) if det.signal in ("nonfinite_loss", "nonfinite_gradient", "loss_spike", "exception") else None
             if det.signal == "exception" and exception is not None:
                 diag = diagnose_exception(exception, step=step, state=state)
             else:

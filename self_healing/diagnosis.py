@@ -254,17 +254,63 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in msg for m in _OOM_MARKERS)
 
 
-def diagnose_exception(exc: BaseException, step: int | None = None, state: Detection | None = None,
-                       phase: str = "train") -> Diagnosis:
-    """Classify an exception: OOM, data, network/filesystem, numerical, interrupt, or a bug.
+ORIGINS = ("collate", "data", "forward", "step", "eval", "save", "trainer")
+"""Where an exception was raised: `collate` (the collator), `data` (the dataset or its iterator),
+`forward` (inside the model's forward/backward on a batch), `step` (elsewhere in the training
+step: the loss, a reward function, generation), `eval`, `save`, `trainer` (the loop itself, a
+callback, argument or resume-path validation)."""
+_ORIGIN_ATTR = "_self_healing_origin"
 
-    Only the first four are healable; a bug in user code (ZeroDivisionError, AssertionError, an
-    illegal memory access) is never retried: retrying it would only burn GPU hours.
+
+def tag_origin(exc: BaseException, origin: str, override: bool = False) -> None:
+    """Remember where `exc` was raised. The innermost wrapper it passes knows best, except that
+    evaluation and saving (`override=True`) own everything raised inside them."""
+    if override or getattr(exc, _ORIGIN_ATTR, None) is None:
+        try:
+            setattr(exc, _ORIGIN_ATTR, origin)
+        except (AttributeError, TypeError):  # an exception class with __slots__: origin unknown
+            pass
+
+
+def exception_origin(exc: BaseException) -> str | None:
+    origin = getattr(exc, _ORIGIN_ATTR, None)
+    return origin if origin in ORIGINS else None
+
+
+_ORIGIN_WORDS = {"collate": "in the data collator", "data": "while loading a batch", "forward": "in the model's forward",
+                 "step": "in the training step", "eval": "during evaluation", "save": "while saving",
+                 "trainer": "in the training loop", None: "outside the training step"}
+
+
+def _is_data_like(exc: BaseException, low: str) -> bool:
+    return isinstance(exc, _DATA_EXC) or (isinstance(exc, RuntimeError) and any(m in low for m in _DATA_MARKERS))
+
+
+def _is_batch_error_in_forward(exc: BaseException, low: str) -> bool:
+    """Inside the model, only a batch's shape or content (an index out of range, a missing key, a
+    size mismatch) is blamed on the data; any other error there is the model's code."""
+    return isinstance(exc, (IndexError, KeyError)) or (
+        isinstance(exc, (RuntimeError, ValueError, TypeError)) and any(m in low for m in _DATA_MARKERS))
+
+
+def diagnose_exception(exc: BaseException, step: int | None = None, state: Detection | None = None,
+                       phase: str | None = None, origin: str | None = None) -> Diagnosis:
+    """Classify an exception by what it is *and where it was raised* (`origin`, else the tag the
+    plugin's wrappers left on it; see `ORIGINS`).
+
+    Healable wherever they come from: OOM, transient network/filesystem errors, a full disk. A
+    data error only where a batch is built (collator, dataset, tokenizer) or a shape/index error
+    inside the model's forward on that batch; non-finite values raising inside the training step.
+    Everything else -- a bug in a callback, `compute_metrics`, a reward function, a bad argument
+    or resume path, a model that returns no loss -- is not healable: it propagates unchanged.
     """
+    origin = origin or exception_origin(exc)
+    if phase is None:
+        phase = origin if origin in ("eval", "save") else "train"
     name = type(exc).__name__
     msg = str(exc)
     low = msg.lower()
-    ev: dict[str, Any] = {"exception_type": name, "message": msg[:500], "phase": phase}
+    ev: dict[str, Any] = {"exception_type": name, "message": msg[:500], "phase": phase, "origin": origin or "unknown"}
     agreed = getattr(exc, "failure", None)
     if name == "RankFailure" and isinstance(agreed, FailureKind):  # one rank's failure, agreed by all
         ev["ranks"] = getattr(exc, "ranks", [])
@@ -296,11 +342,13 @@ def diagnose_exception(exc: BaseException, step: int | None = None, state: Detec
         d = diagnose_state(state)
         d.evidence.update(ev)
         return d
-    if isinstance(exc, RuntimeError) and ("probability tensor contains" in low or re.search(r"\b(nan|inf)\b", low)):
+    if origin in ("forward", "step") and isinstance(exc, RuntimeError) and (
+            "probability tensor contains" in low or re.search(r"\b(nan|inf)\b", low)):
         return _make(FailureKind.NAN_LOSS, f"non-finite values raised {name} at step {step}: {msg[:160]}", ev,
                      [Action.SKIP_STEP], step)
-    if isinstance(exc, _DATA_EXC) or (isinstance(exc, RuntimeError) and any(m in low for m in _DATA_MARKERS)):
-        return _make(FailureKind.DATA_ERROR, f"{name} from a batch at step {step}: {msg[:160]}", ev,
-                     [Action.SKIP_BATCH], step)
-    return _make(FailureKind.UNKNOWN, f"{name}: {msg[:200]} — not a failure this plugin heals, so it was not retried",
-                 ev, [], step, healable=False)
+    if (origin in ("collate", "data") and _is_data_like(exc, low)) or (
+            origin == "forward" and _is_batch_error_in_forward(exc, low)):
+        return _make(FailureKind.DATA_ERROR, f"{name} from a batch ({_ORIGIN_WORDS[origin]}) at step {step}: {msg[:160]}",
+                     ev, [Action.SKIP_BATCH], step)
+    return _make(FailureKind.UNKNOWN, f"{name} raised {_ORIGIN_WORDS.get(origin, 'outside the training step')}: "
+                 f"{msg[:200]} — not a failure this plugin heals, so it was not retried", ev, [], step, healable=False)

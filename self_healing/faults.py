@@ -20,7 +20,11 @@ nan_weight         one weight tensor is set to NaN before the forward           
 weight_scale       every weight is multiplied before the forward                    300
 zero_exp_avg_sq    Adam's second moment (`exp_avg_sq`) is zeroed before the step     -
 lr_scale           the LR of every param group is multiplied for `duration` steps  3000
-exception          `exception()` is raised inside the training step                  -
+exception          `exception()` is raised inside the training step: in the model's     -
+                   forward (`where="forward"`, a failure on that batch), or before
+                   it (`where="step"`); the default, "auto", raises an OOM or a
+                   transient network/storage error before the forward and anything
+                   else inside it, where such errors really come from
 lr_ramp            the *scheduled* LR is multiplied by factor**k at the k-th step    1.1
                    of the ramp (k <= `duration`), then held at factor**duration: a
                    peak LR set too high, which the `lr_spike` test cannot see
@@ -69,6 +73,8 @@ class Fault:
     """Fire only on this process (`args.process_index`): a failure one rank sees and the others don't."""
     times: int | None = None
     """Fire at most this many times in all (e.g. an exception raised once, then the retry works)."""
+    where: str = "auto"
+    """For `exception`: "forward", "step" or "auto" (see the table above)."""
     fired_count: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +86,8 @@ class Fault:
             raise ValueError(f"Fault.duration={self.duration!r} is not accepted: expected an integer >= 1")
         if self.kind == "exception" and self.exception is None:
             raise ValueError("Fault.exception is required for kind 'exception' (a callable returning the exception)")
+        if self.where not in ("auto", "forward", "step"):
+            raise ValueError(f"Fault.where={self.where!r} is not accepted: expected 'auto', 'forward' or 'step'")
         if self.factor is None:
             self.factor = _DEFAULT_FACTOR.get(self.kind)
         if self.factor is not None and not math.isfinite(self.factor):
@@ -110,6 +118,15 @@ def _pick_param(model: torch.nn.Module, pattern: str | None) -> tuple[str, torch
     return named[0]
 
 
+def _raise_where(f: Fault, exc: BaseException) -> str:
+    if f.where != "auto":
+        return f.where
+    from .diagnosis import FailureKind, diagnose_exception
+
+    transient = diagnose_exception(exc, origin="step").failure in (FailureKind.OOM, FailureKind.API_ERROR)
+    return "step" if transient else "forward"
+
+
 class FaultInjector(TrainerCallback):
     """Installs the faults on one trainer; `fired` lists what was injected and when."""
 
@@ -136,13 +153,27 @@ class FaultInjector(TrainerCallback):
             return out
 
         def training_step(model, inputs, *args, **kwargs):
+            in_forward = []
             for f in injector._active("exception"):
                 if f.when is None or f.when(trainer, inputs):
                     injector._fire(f)
-                    raise f.exception()
+                    exc = f.exception()
+                    if _raise_where(f, exc) == "step":
+                        raise exc
+                    in_forward.append(exc)
             for f in injector._active("noisy_data"):
                 inputs = injector._noisy(f, inputs)
-            loss = orig_step(model, inputs, *args, **kwargs)
+            hook = None
+            if in_forward:
+                def raise_in_forward(module, args):
+                    raise in_forward[0]
+
+                hook = trainer.model.register_forward_pre_hook(raise_in_forward)
+            try:
+                loss = orig_step(model, inputs, *args, **kwargs)
+            finally:
+                if hook is not None:
+                    hook.remove()
             for f in injector._active("nan_grad", "grad_scale"):
                 with torch.no_grad():
                     if f.kind == "nan_grad":

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .callback import SelfHealingCallback, free_memory
-from .checkpoints import free_disk_space, latest_verified_checkpoint, verify_checkpoint, write_resume_checkpoint
+from .checkpoints import (free_disk_space, latest_verified_checkpoint, preemption_checkpoint, verify_checkpoint,
+                          write_resume_checkpoint)
 from .config import HealingConfig
-from .diagnosis import Action, Diagnosis, FailureKind, diagnose_exception
+from .diagnosis import Action, Diagnosis, FailureKind, diagnose_exception, exception_origin
 from .distributed import RankFailure, recover_fsdp_iteration
 from .postmortem import load_postmortem
 from .snapshot import _rng_state, _set_rng_state
@@ -66,15 +67,19 @@ class SelfHealingTrainer:
     read from the wrapped trainer, so `sh.model`, `sh.state`, `sh.save_model()` work as before.
     """
 
-    def __init__(self, trainer: Any, config: HealingConfig | str | None = None) -> None:
+    def __init__(self, trainer: Any, config: HealingConfig | str | None = None,
+                 callback: SelfHealingCallback | None = None) -> None:
         if isinstance(config, str):
             config = HealingConfig.from_preset(config)
         if config is not None and not isinstance(config, HealingConfig):
             raise ValueError(f"config must be a HealingConfig, a preset name or a YAML path, got {type(config).__name__}")
         self.trainer = trainer
         self.config = config or HealingConfig()
-        self.callback = SelfHealingCallback(self.config).attach(trainer, orchestrated=True)
         self.postmortem: dict[str, Any] | None = None
+        self._inner_train: Any = None
+        """The Trainer's own `train` (when the callback wrapped `trainer.train` to run through us)."""
+        # `callback`: attached without a wrapper, this orchestrator runs inside its `trainer.train`
+        self.callback = callback or SelfHealingCallback(self.config).attach(trainer, orchestrated=True)
 
     def __getattr__(self, name: str) -> Any:
         if name == "trainer":  # during unpickling / before __init__
@@ -86,48 +91,67 @@ class SelfHealingTrainer:
         return self.postmortem["exit_reason"] if self.postmortem else None
 
     # ------------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Run `trainer.train()` until it completes, is preempted, or healing gives up."""
         cb = self.callback
+        if cb.trainer is not self.trainer:
+            raise RuntimeError("this self-healing plugin was replaced by one attached later to the same trainer "
+                               "(or detached); call train() through the newest one")
+        if cb.orchestrator_active:  # train() called from inside training (a callback): no second layer
+            return self._train_once(resume_from_checkpoint, *args, **kwargs)
+        cb.start_run()  # a fresh train(): nothing of an earlier call's run carries over
         resume = resume_from_checkpoint
         self._recover_killed_run()  # a run that died without a postmortem left its crash journal
         if resume is None and self.config.auto_resume:
             resume = self._auto_resume_target()
-        with self._preemption_handlers():
-            while True:
-                cb.guard_collator()
-                try:
-                    result = self.trainer.train(resume_from_checkpoint=resume, **kwargs)
-                    break
-                except KeyboardInterrupt as exc:
-                    self.postmortem = cb.finish("interrupted", exception=exc)
-                    logger.warning("self-healing: interrupted at step %s; postmortem written",
-                                   self.postmortem["last_step"])
-                    raise
-                except Exception as exc:
-                    resume = self._heal_exception(exc)
-                    if resume is _GAVE_UP:
-                        return self._gave_up_output()
-        if cb.preempted_at is not None:
-            return self._finish_preempted(result)
-        self.postmortem = cb.finish("gave_up" if cb.gave_up else "completed")
-        if cb.gave_up:
-            logger.error("self-healing: gave up: %s. The last verified-good weights are loaded; see %s",
-                         cb.give_up_reason, self.config.resolved_postmortem_path(self.trainer.args.output_dir))
-        return result
+        cb.orchestrator_active = True
+        try:
+            with self._preemption_handlers():
+                while True:
+                    try:
+                        result = self._train_once(resume, *args, **kwargs)
+                        break
+                    except KeyboardInterrupt as exc:
+                        self.postmortem = cb.finish("interrupted", exception=exc)
+                        logger.warning("self-healing: interrupted at step %s; postmortem written",
+                                       self.postmortem["last_step"])
+                        raise
+                    except Exception as exc:
+                        resume = self._heal_exception(exc)
+                        if resume is _GAVE_UP:
+                            return self._gave_up_output()
+            if cb.preempted_at is not None:
+                return self._finish_preempted(result)
+            self.postmortem = cb.finish("gave_up" if cb.gave_up else "completed")
+            if cb.gave_up:
+                logger.error("self-healing: gave up: %s. The last verified-good weights are loaded; see %s",
+                             cb.give_up_reason, self.config.resolved_postmortem_path(self.trainer.args.output_dir))
+            return result
+        finally:
+            cb.orchestrator_active = False
+
+    def _train_once(self, resume: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = self._inner_train or self.trainer.train
+        return inner(resume, *args, **kwargs) if args else inner(resume_from_checkpoint=resume, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # exceptions that escaped the training loop
     # ------------------------------------------------------------------------------------------
     def _heal_exception(self, exc: Exception) -> Any:
         cb, t = self.callback, self.trainer
-        phase, cb.exception_phase, cb.phase = cb.exception_phase or "train", None, "train"
+        cb.phase = "train"
+        origin = exception_origin(exc) or "trainer"  # untagged: the loop itself, a callback, validation
+        phase = origin if origin in ("eval", "save") else "train"
         step = getattr(t.state, "global_step", 0)
         recover_fsdp_iteration(t.model)
         state_det = None
         if t.optimizer is not None:  # a RankFailure has every rank here together: judge every rank's shard
             state_det = cb._check_state(step, agreed=isinstance(exc, RankFailure))[1]
-        d = diagnose_exception(exc, step=step + 1, state=state_det, phase=phase)
+        d = diagnose_exception(exc, step=step + 1, state=state_det, phase=phase, origin=origin)
+        if d.failure == FailureKind.DATA_ERROR and cb.streamed_data and origin in ("data", "collate"):
+            d.healable = False  # resuming would re-read the stream up to the same batch
+            d.summary += (" — the training data is a stream (an iterable dataset): its batches cannot be skipped "
+                          "in place, so the error is raised unchanged")
         if not d.healable:
             self.postmortem = cb.finish("exception", exception=exc, extra={"diagnosis": d.to_dict()})
             logger.error("self-healing: %s; postmortem written", d.summary)
@@ -299,12 +323,16 @@ class SelfHealingTrainer:
 
     def _finish_preempted(self, result: Any) -> Any:
         cb, t = self.callback, self.trainer
-        ckpt = Path(t.args.output_dir) / f"checkpoint-{cb.preempted_at}"
-        ok, why = verify_checkpoint(ckpt)
+        # the Trainer's checkpoint, or (save_only_model=True, a save cut short) a full resume one
+        ckpt, why = preemption_checkpoint(t, cb.preempted_at)
         name = signal.Signals(cb.preempt_signal).name
-        self.postmortem = cb.finish("interrupted", extra={"signal": name, "checkpoint": str(ckpt) if ok else None,
-                                                          "checkpoint_problem": None if ok else why})
-        logger.warning("self-healing: %s: checkpoint %s written, postmortem written; exiting", name, ckpt)
+        self.postmortem = cb.finish("interrupted", extra={"signal": name, "checkpoint": str(ckpt) if ckpt else None,
+                                                          "checkpoint_problem": why})
+        if ckpt is None:
+            logger.error("self-healing: %s: NO resumable checkpoint of step %s (%s): a relaunch cannot resume this "
+                         "run's step; postmortem written; exiting", name, cb.preempted_at, why)
+        else:
+            logger.warning("self-healing: %s: checkpoint %s written, postmortem written; exiting", name, ckpt)
         if self.config.exit_on_preemption:
             raise SystemExit(128 + int(cb.preempt_signal))
         return result
@@ -371,14 +399,14 @@ class SelfHealingTrainer:
                 cb.set_passthrough(True)
                 while True:
                     try:
-                        t.train()
+                        (self._inner_train or t.train)()
                         steps_run = t.state.global_step
                         if find_max_batch_size:
                             max_bs = t.args.per_device_train_batch_size
                         break
                     except Exception as exc:  # noqa: BLE001 - every failure is a finding
-                        d = diagnose_exception(exc, phase=cb.exception_phase or "train")
-                        cb.phase, cb.exception_phase = "train", None
+                        d = diagnose_exception(exc, origin=exception_origin(exc) or "trainer")
+                        cb.phase = "train"
                         entry = {"failure": d.failure.value, "phase": d.evidence.get("phase"), "summary": d.summary,
                                  "exception_type": type(exc).__name__,
                                  "batch_size": t.args.per_device_train_batch_size}

@@ -126,7 +126,11 @@ def test_connection_error_heals_after_backoff(tmp_path):
                     max_steps=20)
     pm = read_postmortem(sh)
     assert pm["exit_reason"] == "completed" and sh.trainer.state.global_step == 20
-    assert pm["recovery_actions"] == [] and pm["counters"]["api_retries"] == 1
+    assert pm["counters"]["api_retries"] == 1
+    # the retry is an event of its own: when it struck and what was raised
+    [ev] = pm["recovery_actions"]
+    assert ev["step"] == 12 and ev["failure"] == "api_error" and ev["actions"] == ["backoff_retry"]
+    assert "Connection reset by peer" in ev["diagnosis"] and ev["evidence"]["exception_type"] == "ConnectionError"
 
 
 def test_persistent_network_failure_outside_the_step_resumes_then_gives_up(tmp_path):

@@ -42,26 +42,55 @@ def test_lr_cut_only_for_lr_related_failures():
         assert Action.REDUCE_LR not in diagnose(Detection(signal, 1, {})).actions
 
 
-@pytest.mark.parametrize("exc,kind,healable", [
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), FailureKind.OOM, True),
-    (RuntimeError("CUDA error: out of memory"), FailureKind.OOM, True),
-    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), FailureKind.OOM, True),
-    (RuntimeError("The size of tensor a (4) must match the size of tensor b (5)"), FailureKind.DATA_ERROR, True),
-    (KeyError("input_ids"), FailureKind.DATA_ERROR, True),
-    (IndexError("index out of range in self"), FailureKind.DATA_ERROR, True),
-    (ConnectionError("Connection reset by peer"), FailureKind.API_ERROR, True),
-    (TimeoutError("read timed out"), FailureKind.API_ERROR, True),
-    (OSError(errno.ESTALE, "Stale file handle"), FailureKind.API_ERROR, True),
-    (RuntimeError("probability tensor contains either `inf`, `nan` or element < 0"), FailureKind.NAN_LOSS, True),
-    (ZeroDivisionError("division by zero"), FailureKind.UNKNOWN, False),
-    (AssertionError("bug"), FailureKind.UNKNOWN, False),
-    (RuntimeError("CUDA error: an illegal memory access was encountered"), FailureKind.UNKNOWN, False),
-    (KeyboardInterrupt(), FailureKind.INTERRUPTED, False),
+@pytest.mark.parametrize("exc,origin,kind,healable", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "step", FailureKind.OOM, True),
+    (RuntimeError("CUDA error: out of memory"), "eval", FailureKind.OOM, True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), "trainer", FailureKind.OOM, True),
+    (RuntimeError("The size of tensor a (4) must match the size of tensor b (5)"), "forward", FailureKind.DATA_ERROR, True),
+    (KeyError("input_ids"), "collate", FailureKind.DATA_ERROR, True),
+    (IndexError("index out of range in self"), "forward", FailureKind.DATA_ERROR, True),
+    (ValueError("bad row"), "data", FailureKind.DATA_ERROR, True),
+    (ConnectionError("Connection reset by peer"), "step", FailureKind.API_ERROR, True),
+    (TimeoutError("read timed out"), "save", FailureKind.API_ERROR, True),
+    (OSError(errno.ESTALE, "Stale file handle"), "trainer", FailureKind.API_ERROR, True),
+    (RuntimeError("probability tensor contains either `inf`, `nan` or element < 0"), "step", FailureKind.NAN_LOSS, True),
+    (ZeroDivisionError("division by zero"), "forward", FailureKind.UNKNOWN, False),
+    (AssertionError("bug"), "collate", FailureKind.UNKNOWN, False),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "forward", FailureKind.UNKNOWN, False),
+    (KeyboardInterrupt(), "step", FailureKind.INTERRUPTED, False),
 ])
-def test_exception_classification(exc, kind, healable):
-    d = diagnose_exception(exc, step=3)
+def test_exception_classification(exc, origin, kind, healable):
+    d = diagnose_exception(exc, step=3, origin=origin)
     assert d.failure == kind and d.healable == healable
-    assert d.evidence["exception_type"] == type(exc).__name__
+    assert d.evidence["exception_type"] == type(exc).__name__ and d.evidence["origin"] == origin
+
+
+@pytest.mark.parametrize("exc,origin", [
+    (KeyError("accuracy"), "eval"),  # compute_metrics
+    (ValueError("Can't find a valid checkpoint at /wrong/path"), "trainer"),  # resume path validation
+    (ValueError("The model did not return a loss from the inputs"), "step"),  # compute_loss
+    (TypeError("'<' not supported between instances of 'NoneType' and 'int'"), "trainer"),  # max_grad_norm=None
+    (TypeError("unsupported operand type(s) for +: 'int' and 'str'"), "step"),  # a reward function's bug
+    (TypeError("forward() got an unexpected keyword argument 'foo'"), "forward"),  # the model's code
+    (KeyError("label"), "eval"),  # a collator error during evaluation
+    (RuntimeError("The size of tensor a (4) must match the size of tensor b (5)"), "step"),
+    (RuntimeError("loss is nan"), "eval"),
+    (KeyError("input_ids"), None),  # where it came from is unknown: never guessed to be data
+])
+def test_a_data_like_type_outside_batch_building_is_a_bug_not_data(exc, origin):
+    d = diagnose_exception(exc, step=3, origin=origin)
+    assert d.failure == FailureKind.UNKNOWN and not d.healable and not d.actions
+
+
+def test_origin_travels_on_the_exception_and_evaluation_owns_what_it_raises():
+    from self_healing.diagnosis import exception_origin, tag_origin
+
+    exc = KeyError("input_ids")
+    tag_origin(exc, "collate")
+    tag_origin(exc, "data")  # an outer wrapper does not overwrite the innermost origin ...
+    assert exception_origin(exc) == "collate" and diagnose_exception(exc).failure == FailureKind.DATA_ERROR
+    tag_origin(exc, "eval", override=True)  # ... except evaluation/saving, whose batches are never skipped
+    assert diagnose_exception(exc).failure == FailureKind.UNKNOWN
 
 
 def test_http_5xx_and_429_are_transient():
@@ -71,7 +100,7 @@ def test_http_5xx_and_429_are_transient():
     class HfHubHTTPError(Exception):
         response = Resp()
 
-    assert diagnose_exception(HfHubHTTPError("server error")).failure == FailureKind.API_ERROR
+    assert diagnose_exception(HfHubHTTPError("server error"), origin="step").failure == FailureKind.API_ERROR
 
 
 def test_eval_oom_does_not_shrink_the_training_batch():
