@@ -459,14 +459,14 @@ class SelfHealingCallback(TrainerCallback):
                     raise
                 if isinstance(batch, SkippedBatch):
                     exc = batch.exception
-                    d = diagnose_exception(exc, step=self.trainer.state.global_step + 1)
+                    d = diagnose_exception(exc, step=self.trainer.state.global_step + 1, origin="collate")
                     plan = self.policy.plan(d, self.trainer.state.global_step + 1)
                     self._note_skipped_batch(exc, "collate", None)
                     event = self.recorder.record(self.trainer.state.global_step + 1, d,
                                                  [a.value for a in plan.actions], {}, plan.reason)
                     self._notify("on_event", event)
                     if Action.GIVE_UP in plan.actions:
-                        raise
+                        raise exc
                     logger.warning("self-healing: step %s: %s -> skip_batch", self.trainer.state.global_step + 1,
                                    d.summary)
                     continue
@@ -647,6 +647,8 @@ class SelfHealingCallback(TrainerCallback):
                              "protected. Use SelfHealingTrainer(trainer) or SelfHealingCallback(cfg).attach(trainer)")
                 return control
             self.attach(trainer)
+            self.start_run()
+        elif not self.orchestrator_active and not self.passthrough:  # trainer.train() called around the wrapper
             self.start_run()
         self.gave_up = False
         self.give_up_reason = None

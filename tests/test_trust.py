@@ -294,3 +294,35 @@ def test_a_second_train_starts_a_fresh_run_and_postmortem(tmp_path):
     assert events[0]["details"]["rolled_back_to_step"] <= 7 and events[0]["details"]["steps_lost"] >= 1
     assert "reduce_lr" not in events[0]["actions"] and pm["lr_scale"] == 1.0
     assert tr.state.global_step == 20
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
+def test_the_callbacks_list_works_on_trl_trainers(kind, tmp_path):
+    tr = build_trainer(kind, output_dir=str(tmp_path / kind), max_steps=8, callbacks=[SelfHealingCallback(CFG)])
+    inject_faults(tr, Fault("nan_grad", step=4))
+    tr.train()
+    pm = postmortem(tr)
+    assert pm["exit_reason"] == "completed" and tr.state.global_step == 8
+    assert [e["failure"] for e in pm["recovery_actions"]] == ["nonfinite_gradient"] and len(_plugins(tr)) == 1
+
+
+def test_a_collator_that_always_fails_gives_up_with_the_reason(tmp_path):
+    tr = build_trainer("trainer", output_dir=str(tmp_path / "t"), max_steps=10)
+    tr.data_collator = lambda features: {}["input_ids"]  # every batch: KeyError
+    sh = SelfHealingTrainer(tr, CFG.replace(max_skipped_batches=1))
+    sh.train()
+    pm = postmortem(tr)
+    assert pm["exit_reason"] == "gave_up" and "max_skipped_batches=1" in pm["give_up_reason"]
+    assert tr.state.global_step == 0 and len(pm["skipped_batches"]) >= 2
+
+
+def test_calling_the_wrapped_trainers_own_train_twice_is_two_runs(tmp_path):
+    """`sh = SelfHealingTrainer(tr)` then `tr.train()` (not `sh.train()`): still one run per call."""
+    tr = build_trainer("trainer", output_dir=str(tmp_path / "t"), max_steps=8)
+    inject_faults(tr, Fault("nan_loss", step=3, times=1))
+    SelfHealingTrainer(tr, CFG)
+    tr.train()
+    assert [e["failure"] for e in postmortem(tr)["recovery_actions"]] == ["nan_loss"]
+    tr.train()
+    pm = postmortem(tr)
+    assert pm["exit_reason"] == "completed" and pm["recovery_actions"] == [] and pm["counters"]["nan_count"] == 0
