@@ -151,8 +151,9 @@ class DivergenceDetector:
     EMA of absolute deviations), or a loss near zero would "diverge" on every wiggle.
 
     A scheduled LR that jumps up (a warm restart: cosine-with-restarts goes from ~0 back to its
-    peak in one step) makes the loss rise by design; such a jump (x`lr_jump` or more in one step)
-    starts a new trend, as an LR cut does."""
+    peak in one step) makes the loss rise by design, for a while; such a jump (x`lr_jump` or more
+    in one step) starts a new trend, as an LR cut does, with `patience` more warm-up steps than at
+    the start: the trend is judged from where the loss went after the restart, not from the bump."""
 
     def __init__(self, patience: int, tolerance: float, alpha: float = 0.9, warmup: int = 10,
                  lr_jump: float = 2.0) -> None:
@@ -164,19 +165,21 @@ class DivergenceDetector:
         self.last_lr: float | None = None
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, extra_warmup: int = 0) -> None:
         self.ema: float | None = None
         self.best = math.inf
         self.rising = 0
         self.seen = 0
         self.noise = 0.0
+        self.hold = self.warmup + extra_warmup
+        """Steps after a (re)start that only set the baseline."""
 
     def observe_lr(self, lr: float | None) -> None:
         """The step's scheduled LR (largest param group); a jump up starts a new trend."""
         if lr is None or not math.isfinite(lr):
             return
         if self.last_lr is not None and self.last_lr >= 0 and lr > self.lr_jump * self.last_lr and lr > 0:
-            self.reset()
+            self.reset(extra_warmup=self.patience)
         self.last_lr = lr
 
     def update(self, loss: float) -> Detection | None:
@@ -185,7 +188,7 @@ class DivergenceDetector:
         if prev is not None and self.rising == 0:  # a trend in progress must not pass for noise
             self.noise = self.alpha * self.noise + (1 - self.alpha) * abs(loss - prev)
         self.seen += 1
-        if self.seen <= self.warmup:
+        if self.seen <= self.hold:
             self.best = min(self.best, self.ema)
             return None
         if prev is not None and self.ema > prev:
@@ -201,12 +204,13 @@ class DivergenceDetector:
 
     def state_dict(self) -> dict:
         return {"ema": self.ema, "best": self.best, "rising": self.rising, "seen": self.seen, "noise": self.noise,
-                "last_lr": self.last_lr}
+                "last_lr": self.last_lr, "hold": self.hold}
 
     def load_state_dict(self, s: dict) -> None:
         self.ema, self.best, self.rising, self.seen = s["ema"], s["best"], s["rising"], s["seen"]
         self.noise = s.get("noise", 0.0)
         self.last_lr = s.get("last_lr", self.last_lr)
+        self.hold = s.get("hold", self.warmup)
 
 
 class GradNormDetector:

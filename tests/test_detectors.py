@@ -129,3 +129,64 @@ def test_policy_losses_turn_off_loss_signals():
     for i in range(30):
         m.accept(StepSignals(step=i, loss=0.01, grad_norm=1.0))
     assert m.check(StepSignals(step=31, loss=5.0, grad_norm=1.0)) == []
+
+
+def test_adam_update_bound_is_1_at_the_first_step_and_grows_to_its_limit():
+    assert adam_update_bound(0.9, 0.999, 1) == pytest.approx(1.0)
+    bounds = [adam_update_bound(0.9, 0.999, t) for t in (1, 2, 10, 100, 1000, 10 ** 6)]
+    assert bounds == sorted(bounds) and bounds[-1] == pytest.approx(0.1 / (1 - 0.9 / 0.999 ** 0.5) / 0.001 ** 0.5)
+    assert adam_update_bound(0.99, 0.9, 10 ** 6) == math.inf  # beta1 >= sqrt(beta2): unbounded, no verdict
+
+
+def test_grad_norm_zero_steps_and_heavy_tails_are_not_explosions():
+    """GRPO steps whose groups all got the same reward have a zero gradient (beta=0) or a tiny
+    KL-only one; the first step with a learning signal after 50 of them was an "explosion" (ratio
+    and z-score against a window of ~0). Per-example norms (batch size 1) are heavy-tailed."""
+    old_style = GradNormDetector(threshold=None, z_threshold=6.0, factor=10.0)
+    g = GradNormDetector(threshold=None, z_threshold=6.0, factor=10.0)
+    for det in (old_style, g):
+        det.accept(0.8)  # one step with a learning signal
+        for i in range(60):
+            det.accept(0.0 if i % 2 else 1e-4 * (1 + (i % 3)))  # no signal: zero, or KL-only
+    assert g.check(0.9) is None
+    assert old_style.window.values.count(0.0) == 0 and g.reference() >= 0.79  # zeros never entered
+    # a real explosion is still one
+    assert g.check(1e6) is not None
+    heavy = GradNormDetector(threshold=None, z_threshold=6.0, factor=10.0)
+    for i in range(50):
+        heavy.accept(1.0 if i % 10 else 8.0)  # an 8x outlier every 10 steps is this run's normal
+    assert heavy.check(30.0) is None and heavy.check(1e4) is not None
+
+
+def test_loss_spike_near_a_loss_of_zero_is_not_a_spike():
+    """DPO driven to ~0: a batch at 0.01 is 100x the mean 1e-4 and far outside its spread, and
+    still a loss 70x below where the run started (ln 2)."""
+    d = LossSpikeDetector(factor=5.0, window=50, min_history=10)
+    for x in [0.69] * 10 + [1e-4 * (1 + (i % 3) / 10) for i in range(60)]:
+        d.accept(x)
+    assert d.check(0.01) is None
+    assert d.check(5.0) is not None  # above where it started: a spike
+
+
+def test_a_warm_restart_of_the_lr_starts_a_new_divergence_trend():
+    """cosine_with_restarts: the LR jumps from ~0 to its peak and the loss rises with it for a
+    while: not a divergence (before: rollback + LR cut)."""
+    def losses():
+        return [2.0 - 0.005 * i for i in range(30)] + [1.85 + 0.04 * i for i in range(25)] + \
+            [2.85 - 0.03 * i for i in range(20)]
+
+    def lrs():
+        return [1e-3 * (1 - i / 30) for i in range(30)] + [1e-3] * 45
+
+    plain = DivergenceDetector(patience=20, tolerance=0.25)
+    assert any(plain.update(x) for x in losses())  # what the schedule-blind detector did
+    d = DivergenceDetector(patience=20, tolerance=0.25)
+    fired = []
+    for x, lr in zip(losses(), lrs()):
+        d.observe_lr(lr)
+        fired.append(d.update(x))
+    assert not any(fired)
+    # a divergence under a constant LR is still one
+    d = DivergenceDetector(patience=20, tolerance=0.25)
+    seq = [2.0 - 0.005 * i for i in range(30)] + [1.85 + 0.04 * i for i in range(40)]
+    assert any((d.observe_lr(1e-3), d.update(x))[1] for x in seq)
