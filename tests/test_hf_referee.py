@@ -107,3 +107,47 @@ def test_batch_size_one_healthy_regression_is_untouched(tmp_path, mode, model_cl
     assert _acted(cb) == {}, f"the plugin acted on a healthy run: {_acted(cb)}"
     for (name, p), (_, q) in zip(_bare_params(model_cls, lr), healed.model.named_parameters()):
         assert torch.equal(p, q), f"{name} differs from the bare run"
+
+
+@pytest.fixture
+def own_update_odometer(monkeypatch):
+    """The update-reach odometer is process-wide: start it from zero for this test and put the old
+    value back after it, so the poisoning done here cannot reach any other test."""
+    from self_healing import snapshot
+
+    monkeypatch.setattr(snapshot.REACH, "reach", 0.0)
+    monkeypatch.setattr(snapshot.REACH, "log_growth", 0.0)
+    return snapshot.REACH
+
+
+def _run(mode: str | None, out_dir: str, lr: float, steps: int) -> tuple[Trainer, SelfHealingCallback | None]:
+    targs = TrainingArguments(out_dir, per_device_train_batch_size=8, learning_rate=lr, max_steps=steps,
+                              save_strategy="no", report_to=[], disable_tqdm=True, seed=0, logging_steps=1000)
+    callbacks = [SelfHealingCallback(HealingConfig())] if mode == "callbacks" else []
+    trainer = Trainer(OneLinear(), targs, train_dataset=NoisyLine(noise=0.1), callbacks=callbacks)
+    if mode == "attach":
+        SelfHealingCallback(HealingConfig()).attach(trainer)
+    (SelfHealingTrainer(trainer, HealingConfig()) if mode == "wrapper" else trainer).train()
+    cbs = [c for c in trainer.callback_handler.callbacks if isinstance(c, SelfHealingCallback)]
+    return trainer, (cbs[0] if cbs else None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_healthy_run_after_a_huge_lr_run_in_the_same_process_is_untouched(tmp_path, mode, own_update_odometer):
+    """Seen in transformers' suite (aggressive preset): `test_logging_inf_nan_filter` trains a tiny GPT-2 at
+    lr=1e9 (a deliberate divergence); every later test of the same process that trains at a small LR
+    (`test_mem_metrics`, `test_training_loss`, ...) was then rolled back for `weight_corruption`
+    ("global weight norm 0.0006646 is 1.162x the last good state's"). Root cause:
+    `self_healing/snapshot.py:UpdateReach` sums every optimizer's update bound into one process-wide
+    float64 odometer; after a huge-LR run it holds ~1e12-1e16, whose spacing (ulp) is larger than a
+    small-LR step's bound, so those steps add nothing, `compare_state` (detectors.py) sees weights that
+    moved with no update to explain them, and rolls a healthy run back (here: 4 rollbacks, 3 LR cuts,
+    96 steps lost with the default preset). A notebook that ran an LR range test, or any diverged run,
+    before the real one hits it."""
+    bare, _ = _run(None, str(tmp_path / "bare"), lr=1e-3, steps=60)
+    _run(mode, str(tmp_path / "huge"), lr=1e15, steps=6)  # diverges; whatever the plugin does here is fine
+    assert own_update_odometer.reach > 1e12
+    healed, cb = _run(mode, str(tmp_path / "healthy"), lr=1e-3, steps=60)
+    assert _acted(cb) == {}, f"the plugin acted on a healthy run: {_acted(cb)}"
+    for (name, p), (_, q) in zip(bare.model.named_parameters(), healed.model.named_parameters()):
+        assert torch.equal(p, q), f"{name} differs from the bare run"
