@@ -151,3 +151,46 @@ def test_healthy_run_after_a_huge_lr_run_in_the_same_process_is_untouched(tmp_pa
     assert _acted(cb) == {}, f"the plugin acted on a healthy run: {_acted(cb)}"
     for (name, p), (_, q) in zip(bare.model.named_parameters(), healed.model.named_parameters()):
         assert torch.equal(p, q), f"{name} differs from the bare run"
+
+
+class SmallMLP(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1 = nn.Linear(1, 16)
+        self.l2 = nn.Linear(16, 1)
+
+    def forward(self, x, labels=None):
+        out = self.l2(torch.tanh(self.l1(x)))
+        loss = nn.functional.mse_loss(out, labels) if labels is not None else None
+        return {"loss": loss, "logits": out}
+
+
+def test_one_callback_instance_given_to_a_second_trainer_protects_it_or_refuses(tmp_path):
+    """transformers' callbacks are plain objects a user may hand to several Trainers (a loop over
+    configs, an HPO sweep: `callbacks=[cb]` built once). With `SelfHealingCallback` the second Trainer
+    gets a callback still wired to the first one: `on_init_end` (callback.py) only attaches when
+    `self.trainer is None`, so the second Trainer's methods are never wrapped, its events drive the
+    first trainer's state, a NaN written into its weights is not healed, the run stops early and no
+    postmortem is written for it. `.attach()` refuses a second trainer with a clear RuntimeError; the
+    `callbacks=[...]` path must either do the same at construction or protect the new trainer."""
+    from self_healing.faults import Fault, inject_faults
+
+    cb = SelfHealingCallback(HealingConfig())
+
+    def make(sub: str, seed: int) -> Trainer:
+        args = TrainingArguments(str(tmp_path / sub), per_device_train_batch_size=8, max_steps=30, learning_rate=0.01,
+                                 save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=1000)
+        return Trainer(SmallMLP(seed), args, train_dataset=NoisyLine(noise=0.1), callbacks=[cb])
+
+    make("first", 0).train()
+    try:
+        second = make("second", 1)
+    except (RuntimeError, ValueError) as exc:  # refusing is fine, if it says why
+        assert "attached" in str(exc) or "another" in str(exc) or "already" in str(exc)
+        return
+    inject_faults(second, Fault("nan_weight", step=15))
+    second.train()
+    assert all(torch.isfinite(p).all() for p in second.model.parameters()), "the NaN weight was not healed"
+    assert second.state.global_step == 30
+    assert (tmp_path / "second" / "postmortem.json").exists()
