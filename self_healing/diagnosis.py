@@ -214,6 +214,10 @@ def diagnose_state(state: Detection, trigger: Detection | None = None) -> Diagno
     if state.signal == "weight_corruption":
         if e.get("finite") is False:
             why = f"weights contain NaN/Inf (global norm {_fmt(e.get('weight_norm'))})"
+        elif "update_reach" in e:
+            why = (f"global weight norm grew to {_fmt(e.get('weight_norm'))} from {_fmt(e.get('reference_weight_norm'))} "
+                   f"in {e.get('steps_apart')} steps, while the optimizer's updates (the LRs used x the update rule's "
+                   f"bound) could move it by at most {_fmt(e.get('update_reach'))}: changed outside the optimizer")
         else:
             why = (f"global weight norm {_fmt(e.get('weight_norm'))} is {_fmt(e.get('ratio'))}x the last good state's "
                    f"{_fmt(e.get('reference_weight_norm'))}")
@@ -222,7 +226,8 @@ def diagnose_state(state: Detection, trigger: Detection | None = None) -> Diagno
     if "nonfinite_state" in e:
         why = f"optimizer state {', '.join(e['nonfinite_state'])} contains NaN/Inf"
     else:
-        why = (f"Adam's exp_avg_sq norm fell to {_fmt(e.get('exp_avg_sq_norm'))} from {_fmt(e.get('reference_exp_avg_sq_norm'))} "
+        why = (f"Adam's second moment ({e.get('state_key', 'exp_avg_sq')}) norm fell to {_fmt(e.get('exp_avg_sq_norm'))} "
+               f"from {_fmt(e.get('reference_exp_avg_sq_norm'))} "
                f"in {e.get('steps_apart')} steps; decay alone allows no lower than {_fmt(e.get('lowest_possible'))}")
     return _make(FailureKind.OPTIMIZER_STATE_CORRUPTION,
                  f"{why} at step {step}: rolled back to the last verified snapshot", e, [Action.ROLLBACK], step)
