@@ -194,3 +194,53 @@ def test_one_callback_instance_given_to_a_second_trainer_protects_it_or_refuses(
     assert all(torch.isfinite(p).all() for p in second.model.parameters()), "the NaN weight was not healed"
     assert second.state.global_step == 30
     assert (tmp_path / "second" / "postmortem.json").exists()
+
+
+class ForwardBug(nn.Module):
+    """A model whose fifth forward raises an IndexError (a bug in the user's model code)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(1, 1)
+        self.calls = 0
+
+    def forward(self, x, labels=None):
+        self.calls += 1
+        if self.calls == 5:
+            raise IndexError("index 7 is out of bounds for dimension 0 with size 4")
+        out = self.lin(x)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+def _forward_bug_trainer(mode: str | None, out_dir: str) -> Trainer:
+    args = TrainingArguments(out_dir, per_device_train_batch_size=8, max_steps=10, save_strategy="no",
+                             report_to=[], disable_tqdm=True, logging_steps=1000)
+    callbacks = [SelfHealingCallback(HealingConfig())] if mode == "callbacks" else []
+    trainer = Trainer(ForwardBug(), args, train_dataset=NoisyLine(noise=0.1), callbacks=callbacks)
+    if mode == "attach":
+        SelfHealingCallback(HealingConfig()).attach(trainer)
+    elif mode == "wrapper":
+        SelfHealingTrainer(trainer, HealingConfig())
+    return trainer
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_remove_callback_turns_the_plugin_off(tmp_path, mode):
+    """transformers' own way to take a callback out, `trainer.remove_callback(SelfHealingCallback)`
+    (exercised by transformers' `test_add_remove_callback`), removes only that object: the plugin's
+    method wrappers stay on the trainer (`training_step`, `log`, `evaluate`, `get_batch_samples`,
+    `train`, ...: set by `SelfHealingCallback.attach`/`_wrap`, callback.py) and its JournalCallback and
+    WatchdogCallback stay in the list. The half-removed plugin then still swallows exceptions but no
+    longer records them: an IndexError raised by the model's forward at step 5, which the bare Trainer
+    raises, is skipped silently and `train()` "completes" all 10 steps. After `remove_callback` the
+    trainer must behave as bare (or `remove_callback` must be refused/redirected to `detach()`)."""
+    bare = _forward_bug_trainer(None, str(tmp_path / "bare"))
+    with pytest.raises(IndexError):
+        bare.train()
+
+    trainer = _forward_bug_trainer(mode, str(tmp_path / mode))
+    trainer.remove_callback(SelfHealingCallback)
+    with pytest.raises(IndexError, match="out of bounds"):
+        trainer.train()
+    assert [type(c) for c in trainer.callback_handler.callbacks] == [type(c) for c in bare.callback_handler.callbacks]
