@@ -44,6 +44,7 @@ from .snapshot import SnapshotError, SnapshotRing, interval_on_ladder, state_rep
 from .monitors import monitors_for
 from .tracking import make_tracker
 from .journal import make_journal_callback
+from .watchdog import make_watchdog
 from .zclip import ZClip, load_from_trainer_state, save_to_trainer_state, scale_gradients
 
 logger = logging.getLogger("self_healing")
@@ -268,6 +269,8 @@ class SelfHealingCallback(TrainerCallback):
         """The trackio tracker when the Trainer reports to trackio (`self_healing.tracking`)."""
         self.journal: Any = None
         """The crash journal (`self_healing.journal`), an observer and a Trainer callback."""
+        self.watchdog: Any = None
+        """Hangs and goodput (`self_healing.watchdog`): its hooks; `.watchdog` the heartbeat and thread."""
 
     # ------------------------------------------------------------------------------------------
     # wiring
@@ -327,6 +330,7 @@ class SelfHealingCallback(TrainerCallback):
         self.journal = make_journal_callback(self)
         self.observers.append(self.journal)
         trainer.add_callback(self.journal)
+        self.watchdog = make_watchdog(self)  # hangs, goodput, preemption mid-evaluation (self_healing.watchdog)
         # opt-in early-warning signals (self_healing.early_warning): nothing is attached while off
         from .early_warning import attach_early_warning
 
@@ -366,6 +370,8 @@ class SelfHealingCallback(TrainerCallback):
             self.trainer.remove_callback(self.early_warning)
             self.observers.remove(self.early_warning)
             self.early_warning = attach_early_warning(self)
+        if self.watchdog is not None:  # new clocks, phase "startup", the watchdog thread running
+            self.watchdog.watchdog.start_run()
 
     def on_init_end(self, args, state, control, **kwargs):
         """`Trainer(..., callbacks=[SelfHealingCallback(cfg)])`: the Trainer gives callbacks no
@@ -391,7 +397,7 @@ class SelfHealingCallback(TrainerCallback):
             else:
                 setattr(self.trainer, name, orig)
         self._wrapped.clear()
-        for cb in (self, self.tracker, self.journal, getattr(self, "early_warning", None)):
+        for cb in (self, self.tracker, self.journal, getattr(self, "early_warning", None), self.watchdog):
             if cb is not None and cb in self.trainer.callback_handler.callbacks:
                 self.trainer.remove_callback(cb)
         self.observers.clear()
@@ -1079,6 +1085,8 @@ class SelfHealingCallback(TrainerCallback):
             more["give_up_reason"] = self.give_up_reason
         if self.zclip is not None:
             more["zclip"] = self.zclip.summary()
+        if self.watchdog is not None:
+            more.update(self.watchdog.watchdog.postmortem_fields())
         if extra:
             more.update(extra)
         pm = self.recorder.build(exit_reason, last_step=getattr(state, "global_step", 0),

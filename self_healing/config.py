@@ -196,8 +196,41 @@ class HealingConfig:
     preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
     """On these signals: finish the step, checkpoint, write the postmortem, exit."""
     exit_on_preemption: bool = True
+    preemption_grace_seconds: float = 25.0
+    """Seconds from a preemption signal to the process's exit, checkpoint and postmortem on disk
+    (Slurm's default KillWait gives 30 s before SIGKILL; spot VMs 30 s to 2 min). A signal during
+    an evaluation aborts it at its next prediction step (its metrics are not needed to save); a
+    signal during a save stops right after it; if the grace runs out first, the postmortem is
+    written and the process exits (128 + signal) before the SIGKILL would land."""
     auto_resume: bool = True
     """Resume from the newest verified checkpoint when the last run in `output_dir` did not complete."""
+
+    # --- hangs (self_healing.watchdog; README "Hangs, preemption and goodput") ------------------
+    hang_detection: bool = True
+    """A watchdog thread per process compares the time spent in the current phase (startup, data
+    wait, train step, generation, evaluation step, save...) with that phase's bound:
+    max(floor, `hang_factor` x its longest recent duration). The training thread only leaves a
+    heartbeat (well under a microsecond per phase change)."""
+    on_hang: str = "exit"
+    """"exit": dump every thread's stack to `output_dir/self-healing/hang-<step>-rank<r>.txt`, write
+    the postmortem (`exit_reason: "hung"`) and exit with code 75 (`HANG_EXIT_CODE`), so the
+    launcher relaunches and auto-resume continues; "warn": the same dump and an error log only."""
+    hang_floor_seconds: float = 600.0
+    """The least a step-like phase (data wait, train step, generation, evaluation step, between
+    steps) is allowed, however fast it usually is."""
+    hang_startup_seconds: float = 1800.0
+    """Bound on startup, and the floor of each step-like phase until it has been seen 3 times
+    (compilation, cache warm-up, the first generation)."""
+    hang_save_seconds: float = 1800.0
+    """Floor for saves, recovery, the end-of-evaluation metrics and the end of training."""
+    hang_factor: float = 10.0
+    """A phase may take this many times its longest recent duration (the run's own history)."""
+    hang_phase_seconds: dict[str, float] | None = None
+    """Fixed bounds per phase that replace the computed ones, e.g. `{"save": 7200, "eval_step": 900}`;
+    phases: startup, data_wait, train_step, generation, after_step, evaluation, eval_step, save,
+    recovery, finishing, preemption."""
+    hang_poll_seconds: float = 1.0
+    """How often the watchdog thread wakes up."""
 
     # --- output --------------------------------------------------------------------------------
     postmortem_path: str | None = None
@@ -338,7 +371,21 @@ class HealingConfig:
         if isinstance(sigs, list):
             object.__setattr__(self, "preemption_signals", tuple(sigs))
         need(isinstance(self.exit_on_preemption, bool), "exit_on_preemption", "true or false")
+        num_in("preemption_grace_seconds", 0.0, 86400.0, lo_open=True)
         need(isinstance(self.auto_resume, bool), "auto_resume", "true or false")
+        need(isinstance(self.hang_detection, bool), "hang_detection", "true or false")
+        need(self.on_hang in ("exit", "warn"), "on_hang", "'exit' or 'warn'")
+        num_in("hang_floor_seconds", 0.0, 1e7, lo_open=True)
+        num_in("hang_startup_seconds", 0.0, 1e7, lo_open=True)
+        num_in("hang_save_seconds", 0.0, 1e7, lo_open=True)
+        num_in("hang_factor", 1.0, 1e6)
+        from .watchdog import PHASES as _PHASES
+
+        hps = self.hang_phase_seconds
+        need(hps is None or (isinstance(hps, dict) and all(
+            k in _PHASES and _is_number(v) and _isfinite(v) and 0 < v <= 1e7 for k, v in hps.items())),
+            "hang_phase_seconds", f"null or a mapping of phase name ({', '.join(_PHASES)}) to seconds in (0, 1e7]")
+        num_in("hang_poll_seconds", 0.01, 60.0)
         need(self.postmortem_path is None or (isinstance(self.postmortem_path, str) and "\0" not in self.postmortem_path
                                               and len(self.postmortem_path) < 4096),
              "postmortem_path", "a path string or null")

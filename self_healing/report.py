@@ -128,7 +128,7 @@ def plot_postmortem(pm: dict[str, Any], path: str | Path, title: str | None = No
 
     has_lr = len(lrs) >= 2
     lines = format_postmortem(pm, max_events=0).splitlines()
-    facts = [ln.strip()[:150] for ln in lines if ln.startswith(("  healing:", "  loss:", "  weights:"))]
+    facts = [ln.strip()[:150] for ln in lines if ln.startswith(("  healing:", "  goodput:", "  loss:", "  weights:"))]
     height = (7.4 if has_lr else 6.4) + 0.17 * len(facts)
     top = 1 - (0.8 + 0.17 * len(facts)) / height  # room for the title, the facts and the legend rows
     fig = Figure(figsize=(10, height), dpi=dpi)

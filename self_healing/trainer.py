@@ -32,10 +32,11 @@ from .diagnosis import Action, Diagnosis, FailureKind, diagnose_exception, excep
 from .distributed import RankFailure, recover_fsdp_iteration
 from .postmortem import load_postmortem
 from .snapshot import _rng_state, _set_rng_state
+from .watchdog import PreemptedInEvaluation
 
 logger = logging.getLogger("self_healing")
 
-_RESUMABLE_EXITS = ("interrupted", "exception", "killed")
+_RESUMABLE_EXITS = ("interrupted", "exception", "killed", "hung")
 
 
 @dataclass
@@ -110,6 +111,9 @@ class SelfHealingTrainer:
                 while True:
                     try:
                         result = self._train_once(resume, *args, **kwargs)
+                        break
+                    except PreemptedInEvaluation:  # a preemption signal aborted an evaluation (self_healing.watchdog)
+                        result = self._gave_up_output()
                         break
                     except KeyboardInterrupt as exc:
                         self.postmortem = cb.finish("interrupted", exception=exc)
@@ -320,14 +324,25 @@ class SelfHealingTrainer:
         if self.callback.preempt_signal is None:
             logger.warning("self-healing: %s received; stopping after the current step", signal.Signals(signum).name)
         self.callback.preempt_signal = signum
+        if self.callback.watchdog is not None:  # the grace (preemption_grace_seconds) starts now
+            self.callback.watchdog.watchdog.on_preempt_signal()
 
     def _finish_preempted(self, result: Any) -> Any:
         cb, t = self.callback, self.trainer
+        wd = cb.watchdog.watchdog if cb.watchdog is not None else None
+        if wd is not None:
+            wd.beat("preemption")
         # the Trainer's checkpoint, or (save_only_model=True, a save cut short) a full resume one
         ckpt, why = preemption_checkpoint(t, cb.preempted_at)
         name = signal.Signals(cb.preempt_signal).name
-        self.postmortem = cb.finish("interrupted", extra={"signal": name, "checkpoint": str(ckpt) if ckpt else None,
-                                                          "checkpoint_problem": why})
+        extra = {"signal": name, "checkpoint": str(ckpt) if ckpt else None, "checkpoint_problem": why}
+        if wd is not None and wd.preempt_time is not None:  # signal -> verified checkpoint on disk
+            took = time.monotonic() - wd.preempt_time
+            extra["preemption"] = {"seconds_to_checkpoint": round(took, 3),
+                                   "grace_seconds": self.config.preemption_grace_seconds,
+                                   "within_grace": took <= self.config.preemption_grace_seconds,
+                                   "evaluation_aborted": bool(cb.recorder.extra.pop("evaluation_aborted", False))}
+        self.postmortem = cb.finish("interrupted", extra=extra)
         if ckpt is None:
             logger.error("self-healing: %s: NO resumable checkpoint of step %s (%s): a relaunch cannot resume this "
                          "run's step; postmortem written; exiting", name, cb.preempted_at, why)

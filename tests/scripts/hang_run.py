@@ -1,0 +1,91 @@
+"""A tiny Trainer run that hangs or is preempted on purpose, for tests/test_watchdog.py.
+
+    python hang_run.py OUTPUT_DIR MODE MAX_STEPS
+
+MODE: "forward" (the model's forward sleeps forever at step 8), "data" (the dataset blocks forever
+while building step 8's batch), "slow_eval" (every evaluation step takes a second: a SIGTERM
+during it must abort it), "none". Each fault strikes once per output dir (a marker file), so the
+same command run again is the relaunch. Prints "STEP n" after each step, "EVAL n" after each
+prediction step, "DONE step exit_reason" at the end.
+"""
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from self_healing import HealingConfig, SelfHealingTrainer  # noqa: E402
+from self_healing.tiny import build_trainer, sft_dataset  # noqa: E402
+
+HANG_AT = 8
+
+
+class Progress(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        print(f"STEP {state.global_step}", flush=True)
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        print(f"EVAL {state.global_step}", flush=True)
+
+
+def once(out: Path, name: str) -> bool:
+    marker = out / f"fault-{name}"
+    if marker.exists():
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("struck")
+    return True
+
+
+class BlockingData(torch.utils.data.Dataset):
+    def __init__(self, ds, out: Path, block_after: int) -> None:
+        self.ds, self.out, self.block_after, self.calls = ds, out, block_after, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls > self.block_after and once(self.out, "data"):
+            time.sleep(3600)  # a worker that never answers, a mount that never returns
+        return self.ds[i]
+
+
+def main(output_dir: str, mode: str, max_steps: int) -> None:
+    torch.set_num_threads(1)
+    out = Path(output_dir)
+    extra = {}
+    if mode == "slow_eval":
+        extra = dict(eval_dataset=sft_dataset(96, seed=1), per_device_eval_batch_size=8, eval_strategy="steps",
+                     eval_steps=6)
+    tr = build_trainer("trainer", output_dir=output_dir, max_steps=max_steps, save_strategy="steps", save_steps=5,
+                       callbacks=[Progress()], **extra)
+    if mode == "forward":
+        def sleep_forever(module, args):
+            if module.training and tr.state.global_step + 1 == HANG_AT and once(out, "forward"):
+                time.sleep(3600)  # a collective waiting on a dead rank, a generation that never returns
+
+        tr.model.register_forward_pre_hook(sleep_forever)
+    if mode == "data":
+        # accelerate's dataloader reads one batch ahead: step 8's fetch is the one that reads batch 9
+        tr.train_dataset = BlockingData(tr.train_dataset, out, HANG_AT * tr.args.per_device_train_batch_size)
+    if mode == "slow_eval" and not (out / "fault-slow_eval").exists():
+        def slow_eval(module, args):
+            if not module.training:
+                (out / "fault-slow_eval").write_text("seen")
+                time.sleep(1.0)
+
+        tr.model.register_forward_pre_hook(slow_eval)
+    cfg = HealingConfig(snapshot_every_steps=5, hang_floor_seconds=2.0, hang_startup_seconds=60.0,
+                        hang_poll_seconds=0.2, preemption_grace_seconds=10.0)
+    sh = SelfHealingTrainer(tr, cfg)
+    sh.train()
+    print(f"DONE {tr.state.global_step} {sh.exit_reason}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

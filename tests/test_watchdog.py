@@ -1,0 +1,209 @@
+"""Hangs (self_healing.watchdog): a step, a batch or an evaluation that never ends is found within
+its bound, dumped, written up as `hung`, and the process exits so the relaunch resumes; a healthy
+run with slow saves and evaluations never trips it; a SIGTERM in the middle of an evaluation
+checkpoints and exits within the grace."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import read_postmortem
+from self_healing import HealingConfig, SelfHealingTrainer
+from self_healing.checkpoints import verify_checkpoint
+from self_healing.postmortem import format_postmortem, load_postmortem
+from self_healing.tiny import build_trainer, sft_dataset
+from self_healing.watchdog import HANG_EXIT_CODE, Watchdog
+
+SCRIPT = Path(__file__).parent / "scripts" / "hang_run.py"
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _launch(out, mode, steps=12):
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), mode, str(steps)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def _steps(text):
+    return [int(line.split()[1]) for line in text.splitlines() if line.startswith("STEP ")]
+
+
+def test_a_forward_that_never_returns_is_a_hung_exit_and_the_relaunch_resumes(tmp_path):
+    out = tmp_path / "run"
+    p = _launch(out, "forward")
+    stdout, stderr = p.communicate(timeout=150)
+    assert p.returncode == HANG_EXIT_CODE, stderr[-3000:]
+    assert _steps(stdout)[-1] == 7 and "DONE" not in stdout
+    pm = load_postmortem(out)
+    hang = pm["hang"]
+    assert pm["exit_reason"] == "hung" and hang["phase"] == "train_step" and hang["step"] == 8
+    assert hang["bound_seconds"] == 2.0 and 2.0 < hang["seconds_waited"] < 6.0
+    assert any("sleep_forever" in line for line in hang["stack"])  # the training thread, where it is stuck
+    dump = (out / "self-healing" / "hang-8-rank0.txt").read_text()
+    assert "sleep_forever" in dump and "Thread" in dump  # faulthandler's every-thread dump
+    assert format_postmortem(pm).startswith("HUNG at step 8/12")
+
+    again = _launch(out, "forward")
+    stdout, stderr = again.communicate(timeout=150)
+    assert again.returncode == 0, stderr[-3000:]
+    assert _steps(stdout)[0] == 6 and "DONE 12 completed" in stdout  # from checkpoint-5, the last verified
+    pm = load_postmortem(out)
+    assert pm["resumed"]["previous_exit_reason"] == "hung" and pm["resumed"]["from"].endswith("checkpoint-5")
+    job = pm["goodput"]["job"]
+    assert job["launches"] == 2 and job["seconds"]["hung"] > 2.0 and job["seconds"]["between_launches"] > 0
+    assert pm["goodput"]["launch"]["lost_seconds"]["recomputed"] > 0  # steps 6 and 7, done twice
+    assert sum(job["seconds"].values()) == pytest.approx(job["wall_seconds"], rel=0.01)
+
+
+def test_a_dataloader_that_never_returns_is_a_hung_exit(tmp_path):
+    out = tmp_path / "run"
+    p = _launch(out, "data")
+    stdout, stderr = p.communicate(timeout=150)
+    assert p.returncode == HANG_EXIT_CODE, stderr[-3000:]
+    pm = load_postmortem(out)
+    assert pm["exit_reason"] == "hung" and pm["hang"]["phase"] == "data_wait" and pm["hang"]["step"] == 8
+    assert any("__getitem__" in line for line in pm["hang"]["stack"])
+    assert (out / "self-healing" / "hang-8-rank0.txt").is_file()
+
+
+def test_sigterm_during_a_long_evaluation_checkpoints_within_the_grace_and_the_relaunch_resumes(tmp_path):
+    out = tmp_path / "run"
+    p = _launch(out, "slow_eval")
+    sent = None
+    for line in p.stdout:
+        if line.startswith("EVAL ") and sent is None:
+            time.sleep(2.0)  # 2 s into an evaluation of 12 one-second steps
+            p.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            break
+    stdout = p.stdout.read()
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM, p.stderr.read()[-3000:]
+    took = time.monotonic() - sent
+    assert took < 10.0  # preemption_grace_seconds in the script; the evaluation alone had ~10 s left
+    assert "DONE" not in stdout
+    pm = load_postmortem(out)
+    assert pm["exit_reason"] == "interrupted" and pm["signal"] == "SIGTERM" and pm["last_step"] == 6
+    pre = pm["preemption"]
+    assert pre["evaluation_aborted"] and pre["within_grace"] and pre["seconds_to_checkpoint"] < 10.0
+    assert verify_checkpoint(pm["checkpoint"])[0]
+
+    again = _launch(out, "slow_eval")
+    stdout, stderr = again.communicate(timeout=150)
+    assert again.returncode == 0, stderr[-3000:]
+    assert _steps(stdout)[0] == 7 and "DONE 12 completed" in stdout
+    assert load_postmortem(out)["resumed"]["from"] == pm["checkpoint"]
+
+
+def test_a_healthy_run_with_slow_saves_and_evaluations_never_trips(tmp_path):
+    out = tmp_path / "run"
+    tr = build_trainer("trainer", output_dir=str(out), max_steps=12, save_strategy="steps", save_steps=6,
+                       eval_dataset=sft_dataset(32, seed=1), per_device_eval_batch_size=8, eval_strategy="steps",
+                       eval_steps=6)
+    save_model = tr.save_model
+
+    def slow_save(*a, **k):  # a network filesystem: 2.5 s per save, above the 1 s step floor
+        time.sleep(2.5)
+        return save_model(*a, **k)
+
+    tr.save_model = slow_save
+    tr.compute_metrics = lambda p: (time.sleep(2.5), {"x": 1.0})[1]  # slow metrics after the last eval step
+
+    def slow_eval_step(module, args):
+        if not module.training:
+            time.sleep(0.6)  # an evaluation step far slower than a training step
+
+    tr.model.register_forward_pre_hook(slow_eval_step)
+    cfg = HealingConfig(snapshot_every_steps=5, hang_floor_seconds=1.0, hang_startup_seconds=30.0,
+                        hang_poll_seconds=0.1, on_hang="warn")
+    sh = SelfHealingTrainer(tr, cfg)
+    sh.train()
+    pm = read_postmortem(sh)
+    assert pm["exit_reason"] == "completed" and "hang_warnings" not in pm
+    assert not list((out / "self-healing").glob("hang-*"))
+    g = pm["goodput"]["launch"]["seconds"]
+    assert g["checkpointing"] > 4.5 and g["evaluation"] > 5.0
+
+
+def test_warn_mode_dumps_and_training_goes_on(tmp_path):
+    out = tmp_path / "run"
+    tr = build_trainer("trainer", output_dir=str(out), max_steps=10)
+    state = {"slept": False}
+
+    def stall(module, args):
+        if module.training and tr.state.global_step + 1 == 7 and not state["slept"]:
+            state["slept"] = True
+            time.sleep(2.0)
+
+    tr.model.register_forward_pre_hook(stall)
+    cfg = HealingConfig(snapshot_every_steps=5, hang_floor_seconds=0.5, hang_startup_seconds=30.0,
+                        hang_poll_seconds=0.05, on_hang="warn")
+    sh = SelfHealingTrainer(tr, cfg)
+    sh.train()
+    pm = read_postmortem(sh)
+    assert pm["exit_reason"] == "completed" and tr.state.global_step == 10
+    (w,) = pm["hang_warnings"]
+    assert w["phase"] == "train_step" and w["step"] == 7 and w["action"] == "warn"
+    assert "stall" in (out / "self-healing" / "hang-7-rank0.txt").read_text()
+
+
+def test_bounds_calibrate_from_the_phase_history_with_floors_and_overrides():
+    class _CB:
+        config = HealingConfig(hang_floor_seconds=5.0, hang_startup_seconds=100.0, hang_save_seconds=300.0,
+                               hang_factor=10.0, hang_phase_seconds={"eval_step": 42.0})
+        trainer = None
+
+    wd = Watchdog(_CB())
+    assert wd.bound("startup") == 100.0 and wd.bound("train_step") == 100.0  # no history yet: warm-up floor
+    wd._history["train_step"] = [0.1, 0.2, 0.1]
+    assert wd.bound("train_step") == 5.0  # 10 x 0.2 < the floor
+    wd._history["train_step"] = [0.1, 2.0, 0.1, 0.3]
+    assert wd.bound("train_step") == pytest.approx(20.0)  # 10 x the longest recent step
+    wd._history["save"] = [40.0]
+    assert wd.bound("save") == 400.0 and wd.bound("recovery") == 300.0
+    assert wd.bound("eval_step") == 42.0
+
+
+@pytest.mark.parametrize("bad", [{"hang_factor": 0.5}, {"on_hang": "kill"}, {"hang_phase_seconds": {"train": 5}},
+                                 {"hang_phase_seconds": {"save": -1}}, {"preemption_grace_seconds": 0},
+                                 {"hang_floor_seconds": float("nan")}])
+def test_hang_settings_are_validated(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        HealingConfig(**bad)
+
+
+def test_hung_is_a_resumable_exit():
+    from self_healing.trainer import _RESUMABLE_EXITS
+
+    assert "hung" in _RESUMABLE_EXITS
+
+
+def test_a_long_ddp_timeout_is_warned_about(tmp_path, caplog):
+    tr = build_trainer("trainer", output_dir=str(tmp_path / "run"), max_steps=2, ddp_timeout=180000000)
+    sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5))
+    hooks = sh.callback.watchdog
+    with caplog.at_level("WARNING", logger="self_healing"):
+        hooks._warn_hidden_hangs(_Args(tr.args, world_size=2), tr.state)
+    assert "ddp_timeout=180000000" in caplog.text
+
+
+def test_no_checkpointing_on_a_long_run_is_warned_about(tmp_path, caplog):
+    tr = build_trainer("trainer", output_dir=str(tmp_path / "run"), max_steps=2)
+    sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5))
+    hooks = sh.callback.watchdog
+    hooks.watchdog._history["train_step"] = [2.0] * 10
+    tr.state.max_steps, tr.state.global_step = 5000, 10
+    with caplog.at_level("WARNING", logger="self_healing"):
+        hooks._warn_no_checkpoints(tr.args, tr.state)
+    assert "save_strategy='no'" in caplog.text and "2.8 more hours" in caplog.text
+
+
+class _Args:
+    def __init__(self, args, **over):
+        self._a, self._o = args, over
+
+    def __getattr__(self, name):
+        return self._o[name] if name in self._o else getattr(self._a, name)
