@@ -28,6 +28,11 @@ SCRIPTS = Path(__file__).parent / "scripts"
 KILLS = 20
 MAX_STEPS = 40
 PHASES = ("pre_optimizer", "step_end", "mid_save", "after_save", "free")
+PATIENCE = 900.0
+"""Seconds a launch may stay silent before the test calls it hung. Generous on purpose: on a CPU
+shared with other heavy jobs one launch (fork, build, verify checkpoints, resume) can take minutes;
+a slow machine is not a failure, and a real hang still fails, only later."""
+NAN_STEP = 5  # tests/scripts/killable_run.py injects a NaN loss here
 
 
 class Launcher:
@@ -41,7 +46,7 @@ class Launcher:
         self.child: int | None = None
         threading.Thread(target=self._pump, args=(self.p.stdout, self.lines.put), daemon=True).start()
         threading.Thread(target=self._pump, args=(self.p.stderr, self.stderr.append), daemon=True).start()
-        line = self.readline(timeout=180)
+        line = self.readline(timeout=PATIENCE)
         assert line.startswith("READY"), line
         assert line.strip() == "READY threads=1", f"the launcher must not fork with threads running: {line}"
 
@@ -51,7 +56,7 @@ class Launcher:
             put(line)
         put(None)
 
-    def readline(self, timeout=120.0) -> str:
+    def readline(self, timeout=PATIENCE) -> str:
         try:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
@@ -101,10 +106,18 @@ def test_sigkill_at_20_random_points_then_each_next_launch_writes_a_killed_postm
             hang = min(start + rng.randint(1, 3), MAX_STEPS - 1)
             if phase in ("mid_save", "after_save") and hang % 2:  # checkpoints every 2 steps
                 hang = hang + 1 if hang + 1 < MAX_STEPS else hang - 1
-                if hang <= start:
-                    phase = "step_end"
+                if hang <= start:  # no checkpoint step left before the end: stop at a step end instead
+                    phase, hang = "step_end", start + 1
+            assert start < hang < MAX_STEPS, f"{ctx}: kill point {phase} {hang} outside steps {start + 1}..{MAX_STEPS - 1}"
             kinds.append((phase, hang))
-            pid = launcher.launch(output_dir=str(out), max_steps=MAX_STEPS, phase=phase, hang_step=hang)
+            # "free": the test kills at a moment of its choosing after step `hang`; how many steps the
+            # launch gets through before the kill lands depends on the machine's load (a starved test
+            # process reads late), so it is stopped at the last step end as a backstop: a kill must
+            # land on a launch that has not finished (before, a loaded CPU let it run to the end, or
+            # carried `start` to the last checkpoint where no kill point was left)
+            pid = launcher.launch(output_dir=str(out), max_steps=MAX_STEPS,
+                                  **({"phase": "step_end", "hang_step": MAX_STEPS - 1} if phase == "free"
+                                     else {"phase": phase, "hang_step": hang}))
             steps: list[int] = []
             began = None
             while True:  # run until the chosen point
@@ -135,8 +148,13 @@ def test_sigkill_at_20_random_points_then_each_next_launch_writes_a_killed_postm
                     f"{ctx}: launch {i - 1} died after step {prev_last}, its postmortem says {pm['last_step']}"
                 if 5 in prev_steps:  # the NaN at step 5 was skipped in that launch: the decision is in its postmortem
                     assert any(a["step"] == 5 and a["failure"] == "nan_loss" for a in pm["recovery_actions"]), ctx
-                if prev_steps:  # it trained at least one step: its last metrics are there
-                    assert "loss" in pm["final_metrics"], ctx
+                if prev_steps:  # it trained at least one step: its last logged metrics are there; the
+                    # loss too, unless the last logged step was the skipped NaN step (logged without a loss,
+                    # by design, and a non-finite grad norm): where a kill lands relative to that log line
+                    # depends on timing (a loaded CPU moved it), so both must be accepted, and told apart
+                    fm = pm["final_metrics"]
+                    assert "learning_rate" in fm, f"{ctx}: {fm}"
+                    assert "loss" in fm or (fm.get("grad_norm") == "nan" and NAN_STEP in prev_steps), f"{ctx}: {fm}"
             # the last completed step, as this launch's own output shows it
             last_printed = steps[-1] if steps else start
             if phase == "pre_optimizer":
@@ -151,7 +169,7 @@ def test_sigkill_at_20_random_points_then_each_next_launch_writes_a_killed_postm
 
     # a fresh interpreter, no fork: the same command resumes and completes
     done = subprocess.run([sys.executable, str(SCRIPTS / "killable_run.py"), "run", str(out), str(MAX_STEPS)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=PATIENCE)
     assert done.returncode == 0, f"{ctx}\n{done.stderr[-3000:]}"
     assert f"DONE {MAX_STEPS} completed finite=True" in done.stdout, f"{ctx}\n{done.stdout[-2000:]}"
     pm = load_postmortem(out)
