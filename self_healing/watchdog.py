@@ -221,6 +221,13 @@ class Watchdog:
         self.job_base = None
         self.preempt_time = None
         self._beat = ("startup", self.started_mono, 0)
+        self._prev_heartbeat = None  # a killed launch's last word on its goodput, before ours replaces it
+        t = getattr(self.cb, "trainer", None)
+        if t is not None:
+            try:
+                self._prev_heartbeat = read_heartbeats(t.args.output_dir).get(0)
+            except Exception:  # noqa: BLE001
+                pass
         self._stop.set()  # the threads of an earlier train() end at their next wake-up
         self._stop = stop = threading.Event()
         if self.config.hang_detection:
@@ -560,7 +567,7 @@ class Watchdog:
         if isinstance(job, dict) and isinstance(job.get("seconds"), dict):
             self.job_base = job
             return
-        hb = read_heartbeats(t.args.output_dir).get(0) or {}  # a launch killed without a postmortem of its own
+        hb = getattr(self, "_prev_heartbeat", None) or {}  # a launch killed without a postmortem of its own
         g = hb.get("goodput") if isinstance(hb.get("goodput"), dict) else None
         if g and isinstance(g.get("job"), dict):
             self.job_base = dict(g["job"])
@@ -647,8 +654,8 @@ class WatchdogHooks:
                         out = orig(*args, **kwargs)
                     except BaseException as exc:
                         if on_error is not None and not isinstance(exc, PreemptedInEvaluation):
+                            wd.beat(on_error)  # closes the step in progress first: its time is lost
                             wd.step_failed()
-                            wd.beat(on_error)
                         raise
                     if wd.phase != _IDLE:
                         wd.beat(after or before)

@@ -6,7 +6,7 @@ MODE: "forward" (the model's forward sleeps forever at step 8), "data" (the data
 while building step 8's batch), "slow_eval" (every evaluation step takes a second: a SIGTERM
 during it must abort it), "none". Each fault strikes once per output dir (a marker file), so the
 same command run again is the relaunch. Prints "STEP n" after each step, "EVAL n" after each
-prediction step, "DONE step exit_reason" at the end.
+prediction step, "DONE step exit_reason" at the end. "steady": 0.1 s per training forward.
 """
 import sys
 import time
@@ -70,6 +70,8 @@ def main(output_dir: str, mode: str, max_steps: int) -> None:
                 time.sleep(3600)  # a collective waiting on a dead rank, a generation that never returns
 
         tr.model.register_forward_pre_hook(sleep_forever)
+    if mode == "steady":  # 0.1 s of compute per step, so a test can kill it mid-run
+        tr.model.register_forward_pre_hook(lambda module, args: time.sleep(0.1) if module.training else None)
     if mode == "data":
         # accelerate's dataloader reads one batch ahead: step 8's fetch is the one that reads batch 9
         tr.train_dataset = BlockingData(tr.train_dataset, out, HANG_AT * tr.args.per_device_train_batch_size)

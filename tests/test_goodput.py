@@ -1,0 +1,87 @@
+"""Goodput (self_healing.watchdog): a launch's wall time split by cause adds up, failures show as
+badput, and the job's goodput carries across a kill and a relaunch."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import read_postmortem
+from self_healing import HealingConfig, SelfHealingTrainer
+from self_healing.faults import Fault, inject_faults
+from self_healing.postmortem import format_postmortem, load_postmortem
+from self_healing.tiny import build_trainer
+from self_healing.watchdog import GOODPUT_PARTS
+
+SCRIPT = Path(__file__).parent / "scripts" / "hang_run.py"
+
+
+def _adds_up(block):
+    parts = block["seconds"]
+    assert set(parts) <= set(GOODPUT_PARTS) and all(v >= 0 for v in parts.values())
+    assert sum(parts.values()) == pytest.approx(block["wall_seconds"], rel=0.01)
+    assert block["goodput"] == pytest.approx(parts["productive"] / block["wall_seconds"], abs=1e-3)
+
+
+def test_goodput_of_a_run_with_a_nan_skip_a_rollback_and_an_oom_adds_up(tmp_path):
+    tr = build_trainer("trainer", output_dir=str(tmp_path / "run"), max_steps=30, save_strategy="steps", save_steps=10)
+    bs0 = tr.args.per_device_train_batch_size
+    inject_faults(tr, Fault("nan_loss", step=6), Fault("nan_weight", step=17),
+                  Fault("exception", step=24, times=1,
+                        exception=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                        when=lambda t, inputs: t.args.per_device_train_batch_size == bs0))
+    sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5, api_backoff_seconds=0.001))
+    sh.train()
+    pm = read_postmortem(sh)
+    assert pm["exit_reason"] == "completed" and tr.state.global_step == 30
+    c = pm["counters"]
+    assert c["skipped_steps"] >= 1 and c["rollbacks"] >= 1 and c["exceptions_healed"] == 1
+    launch = pm["goodput"]["launch"]
+    _adds_up(launch)
+    _adds_up(pm["goodput"]["job"])
+    lost = launch["lost_seconds"]
+    assert lost["skipped"] > 0 and lost["rolled_back"] > 0 and lost["failed"] > 0
+    s = launch["seconds"]
+    assert s["lost"] == pytest.approx(sum(lost.values()), abs=2e-3)
+    assert s["recovery"] > 0 and s["checkpointing"] > 0 and s["startup"] > 0 and s["productive"] > 0
+    assert 0 < launch["goodput"] < 1
+    # the run's own clock agrees: the wall time is train()'s
+    assert launch["wall_seconds"] == pytest.approx(pm["running_time_seconds"], abs=0.5)
+    assert format_postmortem(pm).splitlines()[1].startswith("  goodput: ")
+
+
+def test_job_goodput_carries_across_a_kill_and_a_relaunch(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(SCRIPT), str(out), "steady", "30"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    hb = out / "self-healing" / "heartbeat-rank0.json"
+    for line in p.stdout:  # once a heartbeat file has seen a few steps (they are written every second here)
+        if line.startswith("STEP ") and hb.is_file() and (json.loads(hb.read_text())["step"] or 0) >= 6:
+            p.send_signal(signal.SIGKILL)  # no postmortem, no goodput of its own: its heartbeat file is what is left
+            break
+    p.wait(timeout=60)
+    killed_at = json.loads(hb.read_text())
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "DONE 30 completed" in again.stdout
+    pm = load_postmortem(out)
+    assert pm["resumed"]["previous_exit_reason"] == "killed" and "checkpoint-" in pm["resumed"]["from"]
+    g = pm["goodput"]
+    _adds_up(g["launch"])
+    _adds_up(g["job"])
+    job, launch = g["job"], g["launch"]
+    assert job["launches"] == 2 and job["wall_seconds"] > launch["wall_seconds"]
+    assert job["seconds"]["between_launches"] > 0  # from the killed launch's last heartbeat to this start
+    before = killed_at["goodput"]["launch"]["seconds"]  # the killed launch, as its last heartbeat saw it
+    assert before["productive"] > 0
+    assert job["seconds"]["productive"] == pytest.approx(launch["seconds"]["productive"] + before["productive"],
+                                                         abs=2e-3)
+    if pm["resumed"]["previous_last_step"] > int(pm["resumed"]["from"].rsplit("-", 1)[1]):
+        assert launch["lost_seconds"]["recomputed"] > 0  # the steps after the checkpoint, done again
+    assert job["goodput"] < launch["goodput"]
+    assert "job goodput" in format_postmortem(pm).splitlines()[2]
