@@ -9,6 +9,8 @@ mistake that makes a NaN poison ZClip's reference EMA for good).
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -283,9 +285,25 @@ def check_lr(lrs: Iterable[float], scheduled: Iterable[float] | None, factor: fl
 
 REACH_KEY = "self_healing:update_reach"
 GROWTH_KEY = "self_healing:update_log_growth"
-"""Two entries of `StateReport.optimizer_norms` that are not optimizer state: the process's update
-odometers (`snapshot.UpdateReach`) when the report was taken. They travel with the optimizer norms
-wherever those go (the distributed gather in the callback sends every key with its reference)."""
+LOSS_KEY = "self_healing:smoothed_loss"
+FIRST_LOSS_KEY = "self_healing:first_loss"
+"""Entries of `StateReport.optimizer_norms` that are not optimizer state: the process's update
+odometers (`snapshot.UpdateReach`) and the run's smoothed and first healthy loss (from this
+thread's `StepMonitor`) when the report was taken. They travel with the optimizer norms wherever
+those go (the distributed gather in the callback sends every key with its reference)."""
+PSEUDO_KEYS = (REACH_KEY, GROWTH_KEY, LOSS_KEY, FIRST_LOSS_KEY)
+
+_MONITORS: "weakref.WeakValueDictionary[int, StepMonitor]" = weakref.WeakValueDictionary()
+"""The newest `StepMonitor` of each thread (a run's callback, its steps and its state checks all
+run in the training thread): `state_report` takes the loss side of the evidence from it."""
+
+
+def current_losses() -> tuple[float | None, float | None]:
+    """(smoothed loss, first healthy loss) of this thread's newest StepMonitor, if any."""
+    m = _MONITORS.get(threading.get_ident())
+    if m is None or not m.loss_signals:
+        return None, None
+    return m.loss_ema, m.first_loss
 
 
 @dataclass
@@ -320,8 +338,8 @@ class StateReport:
         return self.optimizer_norms.get(GROWTH_KEY, 0.0)
 
     def state_norms(self) -> dict[str, float]:
-        """The optimizer state norms alone (without the odometers)."""
-        return {k: v for k, v in self.optimizer_norms.items() if k not in (REACH_KEY, GROWTH_KEY)}
+        """The optimizer state norms alone (without the odometers and losses)."""
+        return {k: v for k, v in self.optimizer_norms.items() if k not in PSEUDO_KEYS}
 
 
 SECOND_MOMENT_KEYS = ("exp_avg_sq", "state2", "absmax2")
@@ -403,6 +421,12 @@ def compare_state(report: StateReport, reference: StateReport | None, growth_fac
                     "exp_avg_sq_norm": v, "reference_exp_avg_sq_norm": v_ref, "steps_apart": k,
                     "lowest_possible": lowest, "state_key": key})
         break
+    outside = _beyond_update_reach(report, reference, growth_factor, k)
+    return outside if outside is not None else _loss_confirmed_blowup(report, reference, growth_factor)
+
+
+def _beyond_update_reach(report: StateReport, reference: StateReport, growth_factor: float,
+                         k: int) -> Detection | None:
     reach, ref_reach = report.update_reach, reference.update_reach
     if reach is None or ref_reach is None:
         return None
@@ -424,6 +448,28 @@ def compare_state(report: StateReport, reference: StateReport | None, growth_fac
     return None
 
 
+def _loss_confirmed_blowup(report: StateReport, reference: StateReport, growth_factor: float,
+                           loss_margin: float = 0.25) -> Detection | None:
+    """The optimizer itself wrecking the model (an LR far too high): the weight norm grew more than
+    `growth_factor` x since the last good check *and* the loss confirms the damage, its smoothed
+    value now `loss_margin` above what it was then (or, before any loss was smoothed, above the
+    first one). Weights that grow while the model learns (small initial weights) come with a
+    falling loss and never qualify; no loss known (RL policy losses) means no verdict."""
+    ref_w, w = reference.weight_norm, report.weight_norm
+    loss = report.optimizer_norms.get(LOSS_KEY)
+    before = reference.optimizer_norms.get(LOSS_KEY)
+    if before is None:
+        before = report.optimizer_norms.get(FIRST_LOSS_KEY)
+    if loss is None or before is None or not (ref_w > 0 and before > 0):
+        return None
+    if w > growth_factor * ref_w and loss > (1 + loss_margin) * before:
+        return Detection("weight_corruption", report.step, {
+            "weight_norm": w, "reference_weight_norm": ref_w, "ratio": w / ref_w, "factor": growth_factor,
+            "steps_apart": max(report.step - reference.step, 0), "smoothed_loss": loss, "reference_loss": before,
+            "loss_confirmed": True})
+    return None
+
+
 class StepMonitor:
     """All per-step detectors behind one `check` / `accept` pair.
 
@@ -439,6 +485,10 @@ class StepMonitor:
         self.divergence = DivergenceDetector(config.divergence_patience, config.divergence_tolerance)
         self.grad = GradNormDetector(config.grad_norm_threshold, config.grad_z_threshold, config.grad_spike_factor)
         self.last_spike_ratio: float | None = None
+        self.loss_ema: float | None = None
+        """EMA (0.7) of the healthy losses: the loss side of `compare_state`'s evidence."""
+        self.first_loss: float | None = None
+        _MONITORS[threading.get_ident()] = self
 
     def check(self, s: StepSignals) -> list[Detection]:
         """Signals that fired on this step, most severe first. Updates nothing."""
@@ -478,6 +528,9 @@ class StepMonitor:
         if not self.loss_signals or not is_finite(s.loss):
             return None
         self.spike.accept(s.loss)
+        self.loss_ema = s.loss if self.loss_ema is None else 0.7 * self.loss_ema + 0.3 * s.loss
+        if self.first_loss is None:
+            self.first_loss = s.loss
         lrs = s.scheduled_lrs if s.scheduled_lrs else s.lrs
         finite = [float(x) for x in lrs if is_finite(float(x))] if lrs else []
         self.divergence.observe_lr(max(finite) if finite else None)
@@ -492,9 +545,11 @@ class StepMonitor:
 
     def state_dict(self) -> dict:
         return {"spike": self.spike.state_dict(), "grad": self.grad.state_dict(),
-                "divergence": self.divergence.state_dict()}
+                "divergence": self.divergence.state_dict(), "loss_ema": self.loss_ema, "first_loss": self.first_loss}
 
     def load_state_dict(self, s: dict) -> None:
         self.spike.load_state_dict(s["spike"])
         self.grad.load_state_dict(s["grad"])
         self.divergence.load_state_dict(s["divergence"])
+        self.loss_ema = s.get("loss_ema", self.loss_ema)
+        self.first_loss = s.get("first_loss", self.first_loss)

@@ -211,6 +211,12 @@ def diagnose_state(state: Detection, trigger: Detection | None = None) -> Diagno
     if trigger is not None:
         e["triggered_by"] = trigger.signal
         e.update({f"trigger_{k}": v for k, v in trigger.evidence.items() if isinstance(v, (int, float, str))})
+    if state.signal == "weight_corruption" and e.get("loss_confirmed"):
+        return _make(FailureKind.DIVERGENCE,
+                     f"global weight norm grew {_fmt(e.get('ratio'))}x in {e.get('steps_apart')} steps (to "
+                     f"{_fmt(e.get('weight_norm'))}) while the smoothed loss rose to {_fmt(e.get('smoothed_loss'))} from "
+                     f"{_fmt(e.get('reference_loss'))}: the optimizer's own updates are wrecking the model (the LR is too "
+                     f"high) at step {step}: rolled back and the LR reduced", e, [Action.ROLLBACK, Action.REDUCE_LR], step)
     if state.signal == "weight_corruption":
         if e.get("finite") is False:
             why = f"weights contain NaN/Inf (global norm {_fmt(e.get('weight_norm'))})"

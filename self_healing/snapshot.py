@@ -44,7 +44,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .detectors import GROWTH_KEY, REACH_KEY, StateReport, adam_update_bound, adamax_update_bound
+from .detectors import (FIRST_LOSS_KEY, GROWTH_KEY, LOSS_KEY, REACH_KEY, StateReport, adam_update_bound,
+                        adamax_update_bound, current_losses)
 from .distributed import local_tensor, reshard
 
 
@@ -435,6 +436,9 @@ def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateRepo
             REACH.fold(extra)
             opt_norms[REACH_KEY] = REACH.reach
             opt_norms[GROWTH_KEY] = REACH.log_growth
+    loss, first = current_losses()  # the run's loss, for a blow-up the loss must confirm
+    if loss is not None and first is not None and math.isfinite(loss) and math.isfinite(first):
+        opt_norms[LOSS_KEY], opt_norms[FIRST_LOSS_KEY] = loss, first
     report = StateReport(weight_norm=values[0], optimizer_norms=opt_norms, beta2=beta2, step=step)
     report.seconds = time.perf_counter() - t0
     return report

@@ -190,3 +190,22 @@ def test_a_warm_restart_of_the_lr_starts_a_new_divergence_trend():
     d = DivergenceDetector(patience=20, tolerance=0.25)
     seq = [2.0 - 0.005 * i for i in range(30)] + [1.85 + 0.04 * i for i in range(40)]
     assert any((d.observe_lr(1e-3), d.update(x))[1] for x in seq)
+
+
+def test_weights_blowing_up_while_the_loss_rises_is_the_lr_not_learning():
+    """An LR far too high: the optimizer's own updates (within their reach) grow the weights 15x in
+    5 steps and the loss climbs: rolled back with the LR cut. The same growth with a falling loss
+    (small initial weights learning) is left alone."""
+    from self_healing.detectors import FIRST_LOSS_KEY, LOSS_KEY
+    from self_healing.diagnosis import diagnose_state
+
+    ref = StateReport(18.8, _with_reach({}, 0.0), step=0)
+    bad = StateReport(279.0, {**_with_reach({}, 5000.0), LOSS_KEY: 9.0, FIRST_LOSS_KEY: 3.8}, step=5)
+    hit = compare_state(bad, ref, 10)
+    assert hit is not None and hit.evidence["loss_confirmed"]
+    d = diagnose_state(hit)
+    assert d.failure.value == "divergence" and [a.value for a in d.actions] == ["rollback", "reduce_lr"]
+    learning = StateReport(279.0, {**_with_reach({}, 5000.0), LOSS_KEY: 2.0, FIRST_LOSS_KEY: 3.8}, step=5)
+    assert compare_state(learning, ref, 10) is None
+    no_loss = StateReport(279.0, _with_reach({}, 5000.0), step=5)  # RL policy loss: not a quality measure
+    assert compare_state(no_loss, ref, 10) is None
