@@ -89,7 +89,10 @@ class HealingConfig:
     lr_spike_factor: float = 10.0
     """An LR this many times above what the scheduler set is a spike."""
     weight_growth_factor: float = 10.0
-    """Global weight norm growth, against the last good state, that means corrupted weights."""
+    """Slack of the finite weight tests (README "Precision"): the weight norm must grow past this
+    many times the largest growth the optimizer's updates since the last good check could cause
+    (corruption: written outside the optimizer), or by this factor within one check interval while
+    the loss rose (the LR is too high: divergence). Values near 1 are still sound."""
     integrity_check_every_steps: int = 10
     """How often weights and optimizer state are checked (one fused norm pass)."""
 
