@@ -176,6 +176,11 @@ class Watchdog:
         self.recompute_until = -1
         self.job_base: dict[str, Any] | None = None
         self.preempt_time: float | None = None
+        self.where = ""
+        """Inside a train step: "forward", "backward" (DDP's gradient all-reduce runs there) or
+        "optimizer"; a plain attribute write from a forward pre-hook and around `accelerator.backward`,
+        read only by the heartbeat file, so a hung rank can be told from the ranks waiting for it."""
+        self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------------------------------
     # the training thread's side: microseconds
@@ -197,6 +202,7 @@ class Watchdog:
             st = getattr(getattr(self.cb, "trainer", None), "state", None)
             step = getattr(st, "global_step", prev[2]) if st is not None else prev[2]
         self._beat = (phase, now, step)
+        self.where = ""
 
     @property
     def phase(self) -> str:
@@ -237,11 +243,46 @@ class Watchdog:
         self._hb_thread = threading.Thread(target=self._heartbeat_files, args=(stop,), name="self-healing-heartbeat",
                                            daemon=True)
         self._hb_thread.start()
+        self._add_step_hooks()
 
     def stop(self) -> None:
         """Back to idle: nothing is watched (the threads end at their next wake-up)."""
         self.beat(_IDLE)
         self._stop.set()
+        self._remove_step_hooks()
+
+    def _add_step_hooks(self) -> None:
+        """Under several processes: where in the step this rank is (forward, backward, optimizer)."""
+        self._remove_step_hooks()
+        t = getattr(self.cb, "trainer", None)
+        if t is None or _rank_info(t)[1] <= 1:
+            return
+        try:
+            def forward(module: Any, args: Any) -> None:
+                self.where = "forward"
+
+            self._hooks.append(t.model.register_forward_pre_hook(forward, prepend=True))
+            acc = t.accelerator
+            orig = acc.backward
+
+            def backward(*args: Any, **kwargs: Any) -> Any:
+                self.where = "backward"
+                out = orig(*args, **kwargs)
+                self.where = "optimizer"
+                return out
+
+            acc.backward = backward
+            self._hooks.append(lambda: acc.__dict__.pop("backward", None))
+        except Exception:  # noqa: BLE001 - a finer heartbeat is a nicety
+            pass
+
+    def _remove_step_hooks(self) -> None:
+        for h in self._hooks:
+            try:
+                h.remove() if hasattr(h, "remove") else h()
+            except Exception:  # noqa: BLE001
+                pass
+        self._hooks = []
 
     def on_preempt_signal(self) -> None:
         """Called from the signal handler: the grace starts now."""
@@ -313,7 +354,8 @@ class Watchdog:
         r, world = _rank_info(t)
         phase, since, step = self._beat
         data = {"rank": r, "world_size": world, "pid": os.getpid(), "host": socket.gethostname(), "step": step,
-                "phase": phase, "phase_seconds": round(time.monotonic() - since, 3), "time": time.time(),
+                "phase": phase, "where": self.where, "phase_seconds": round(time.monotonic() - since, 3),
+                "time": time.time(),
                 "run_id": self.cb.recorder.extra.get("run_id"),
                 "goodput": self.goodput() if r == 0 else None}
         atomic_write_text(heartbeat_path(t.args.output_dir, r), json.dumps(data, default=str))
@@ -344,21 +386,32 @@ class Watchdog:
         try:
             now = time.time()
             for rr, hb in read_heartbeats(t.args.output_dir).items():
-                ranks[str(rr)] = {"step": hb.get("step"), "phase": hb.get("phase"), "host": hb.get("host"),
+                ranks[str(rr)] = {"step": hb.get("step"), "phase": hb.get("phase"), "where": hb.get("where"),
+                                  "host": hb.get("host"),
                                   "seconds_since_seen": round(now - float(hb.get("time", now)), 1),
                                   "phase_seconds": hb.get("phase_seconds")}
         except Exception:  # noqa: BLE001
             pass
+        ranks[str(r)] = {**ranks.get(str(r), {}), "step": step, "phase": phase, "where": self.where,
+                         "host": socket.gethostname(), "seconds_since_seen": 0.0, "phase_seconds": round(waited, 1)}
         hang = {"phase": phase, "step": at, "last_completed_step": step, "seconds_waited": round(waited, 2),
                 "bound_seconds": round(bound, 2), "bound_reason": self._bound_reason(phase), "rank": r,
                 "world_size": world, "dump": str(path) if path else None, "stack": stack,
                 "action": "exit" if exiting else "warn"}
         if world > 1:
             hang["ranks"] = ranks
-            behind = [k for k, v in ranks.items() if isinstance(v.get("step"), int) and v["step"] < step]
+            behind = _ranks_behind(ranks)
             stale = [k for k, v in ranks.items() if (v.get("seconds_since_seen") or 0) > 3 * _HEARTBEAT_FILE_SECONDS]
             missing = [str(k) for k in range(world) if str(k) not in ranks]
             hang["ranks_behind"], hang["ranks_not_seen"] = behind, sorted(set(stale + missing))
+            if behind:
+                v = ranks[behind[0]]
+                summary += (f"; rank(s) {', '.join(behind)} behind the others (at {v.get('phase')}"
+                            + (f"/{v['where']}" if v.get("where") else "") + f" of step {(v.get('step') or 0) + 1}): "
+                            "the others are waiting for them")
+            if hang["ranks_not_seen"]:
+                summary += f"; rank(s) {', '.join(hang['ranks_not_seen'])} not seen lately (dead?)"
+            hang["summary"] = summary
         logger.error("self-healing: HANG: %s; stacks in %s%s", summary, path,
                      "; exiting so the launcher can relaunch (auto-resume continues from the newest verified "
                      f"checkpoint), exit code {HANG_EXIT_CODE}" if exiting else " (on_hang='warn': waiting)")
@@ -586,6 +639,26 @@ class Watchdog:
         if self.hang_warnings:
             out["hang_warnings"] = self.hang_warnings[-20:]
         return out
+
+
+_ORDER = {p: i for i, p in enumerate(("startup", "data_wait", "train_step", "generation", "after_step", "evaluation",
+                                       "eval_step", "save"))}
+_WHERE = {"": 0, "forward": 1, "backward": 2, "optimizer": 3}
+
+
+def _ranks_behind(ranks: dict[str, dict[str, Any]]) -> list[str]:
+    """The ranks the others are waiting for: the furthest behind (step, phase, place in the step)
+    when not every rank is at the same point (a rank still in its forward while the others sit in
+    backward's all-reduce). Empty when all are level."""
+    def key(v: dict[str, Any]) -> tuple[int, int, int]:
+        step = v.get("step") if isinstance(v.get("step"), int) else -1
+        return step, _ORDER.get(str(v.get("phase")), 0), _WHERE.get(str(v.get("where") or ""), 0)
+
+    if len(ranks) < 2:
+        return []
+    keys = {r: key(v) for r, v in ranks.items()}
+    lo, hi = min(keys.values()), max(keys.values())
+    return [r for r, k in keys.items() if k == lo] if lo != hi else []
 
 
 def _r(x: float) -> float:

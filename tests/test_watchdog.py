@@ -207,3 +207,25 @@ class _Args:
 
     def __getattr__(self, name):
         return self._o[name] if name in self._o else getattr(self._a, name)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_two_ranks_one_stuck_before_the_all_reduce_both_exit_hung_naming_it(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(Path(__file__).parent / "scripts" / "ddp_hang_run.py"), str(out)]
+    start = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=ENV)
+    assert p.returncode != 0 and "DONE" not in p.stdout, p.stderr[-3000:]
+    assert time.monotonic() - start < 120  # ddp_timeout is 600 s
+    pm = load_postmortem(out)  # rank 0's: it was waiting in the all-reduce, in backward
+    hang = pm["hang"]
+    assert pm["exit_reason"] == "hung" and hang["rank"] == 0 and hang["step"] == 8 and hang["world_size"] == 2
+    assert hang["ranks"]["0"]["where"] == "backward" and hang["ranks"]["1"]["where"] == "forward"
+    assert hang["ranks_behind"] == ["1"] and "rank(s) 1 behind the others" in hang["summary"]
+    assert (out / "self-healing" / "hang-8-rank0.txt").is_file() and (out / "self-healing" / "hang-8-rank1.txt").is_file()

@@ -1,0 +1,37 @@
+"""Under torchrun, 2 CPU processes (gloo): rank 1's forward blocks forever at step 8, so rank 0
+waits in the gradient all-reduce. Both watchdogs must end their process long before ddp_timeout.
+
+    python -m torch.distributed.run --nproc_per_node 2 ddp_hang_run.py OUT
+"""
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+HANG_AT = 8
+
+
+def main(output_dir: str) -> None:
+    from self_healing import HealingConfig, SelfHealingTrainer
+    from self_healing.tiny import build_trainer
+
+    torch.set_num_threads(1)
+    tr = build_trainer("trainer", output_dir=output_dir, max_steps=12, per_device_train_batch_size=4,
+                       save_strategy="steps", save_steps=5, ddp_timeout=600)
+
+    def stuck(module, args):
+        if module.training and tr.args.process_index == 1 and tr.state.global_step + 1 == HANG_AT:
+            time.sleep(3600)
+
+    tr.model.register_forward_pre_hook(stuck)
+    cfg = HealingConfig(snapshot_every_steps=5, hang_floor_seconds=3.0, hang_startup_seconds=60.0,
+                        hang_poll_seconds=0.2)
+    SelfHealingTrainer(tr, cfg).train()
+    print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
