@@ -243,6 +243,8 @@ class SelfHealingCallback(TrainerCallback):
         self._wrapped: dict[str, Any] = {}
         self._kind: str | None = None
         self.orchestrator: Any = None
+        self._orig_train: Any = None
+        """The Trainer's own `train`, which the orchestrator calls."""
         """The `SelfHealingTrainer` that `trainer.train` runs through when attached without one."""
         self.orchestrator_active = False
         """True while an orchestrator's `train()` is running (it writes the postmortem then)."""
@@ -317,7 +319,7 @@ class SelfHealingCallback(TrainerCallback):
             from .trainer import SelfHealingTrainer
 
             self.orchestrator = SelfHealingTrainer(trainer, self.config, callback=self)
-            self._wrap("train", self._make_train)
+        self._wrap("train", self._make_train)  # whichever way it is called, train() runs through the orchestrator
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         # trainer-aware monitors (chosen by the trainer's type) and the trackio dashboard
@@ -376,10 +378,18 @@ class SelfHealingCallback(TrainerCallback):
     def on_init_end(self, args, state, control, **kwargs):
         """`Trainer(..., callbacks=[SelfHealingCallback(cfg)])`: the Trainer gives callbacks no
         reference to itself, so find the one whose `__init__` is calling us and attach to it."""
+        trainer = _calling_trainer(self)
+        if trainer is None:
+            return control
         if self.trainer is None:
-            trainer = _calling_trainer(self)
-            if trainer is not None:
-                self.attach(trainer)
+            self.attach(trainer)
+        elif self.trainer is not trainer:
+            # One instance handed to several Trainers (a sweep): each gets a plugin of its own with
+            # this config, in this one's place in its callback list (the first keeps this one).
+            handler = trainer.callback_handler.callbacks
+            own = SelfHealingCallback(self.config)
+            handler[next(i for i, c in enumerate(handler) if c is self)] = own
+            own.attach(trainer)
         return control
 
     def guard_collator(self) -> None:
@@ -520,10 +530,12 @@ class SelfHealingCallback(TrainerCallback):
         return get_train_dataloader
 
     def _make_train(self, orig):
-        self.orchestrator._inner_train = orig
+        self._orig_train = orig
 
         def train(*args, **kwargs):
-            return self.orchestrator.train(*args, **kwargs)
+            if self.orchestrator is not None and not self.orchestrator_active:
+                return self.orchestrator.train(*args, **kwargs)
+            return orig(*args, **kwargs)
 
         return train
 

@@ -77,10 +77,9 @@ class SelfHealingTrainer:
         self.trainer = trainer
         self.config = config or HealingConfig()
         self.postmortem: dict[str, Any] | None = None
-        self._inner_train: Any = None
-        """The Trainer's own `train` (when the callback wrapped `trainer.train` to run through us)."""
         # `callback`: attached without a wrapper, this orchestrator runs inside its `trainer.train`
         self.callback = callback or SelfHealingCallback(self.config).attach(trainer, orchestrated=True)
+        self.callback.orchestrator = self
 
     def __getattr__(self, name: str) -> Any:
         if name == "trainer":  # during unpickling / before __init__
@@ -95,6 +94,12 @@ class SelfHealingTrainer:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Run `trainer.train()` until it completes, is preempted, or healing gives up."""
         cb = self.callback
+        if cb.trainer is self.trainer and cb not in self.trainer.callback_handler.callbacks:
+            # taken out with `trainer.remove_callback(...)`: the plugin is off, wholly
+            logger.warning("self-healing: the plugin was removed from the trainer's callbacks; it is detached and "
+                           "this run is NOT protected")
+            cb.detach()
+            return self.trainer.train(resume_from_checkpoint, *args, **kwargs)
         if cb.trainer is not self.trainer:
             raise RuntimeError("this self-healing plugin was replaced by one attached later to the same trainer "
                                "(or detached); call train() through the newest one")
@@ -135,7 +140,7 @@ class SelfHealingTrainer:
             cb.orchestrator_active = False
 
     def _train_once(self, resume: Any, *args: Any, **kwargs: Any) -> Any:
-        inner = self._inner_train or self.trainer.train
+        inner = self.callback._orig_train or self.trainer.train
         return inner(resume, *args, **kwargs) if args else inner(resume_from_checkpoint=resume, **kwargs)
 
     # ------------------------------------------------------------------------------------------
@@ -414,7 +419,7 @@ class SelfHealingTrainer:
                 cb.set_passthrough(True)
                 while True:
                     try:
-                        (self._inner_train or t.train)()
+                        (cb._orig_train or t.train)()
                         steps_run = t.state.global_step
                         if find_max_batch_size:
                             max_bs = t.args.per_device_train_batch_size
