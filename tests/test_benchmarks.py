@@ -22,6 +22,7 @@ def test_overhead_runs_interleaved_and_prints_the_ratio(capsys):
     overhead.main(["--sizes", "tiny", "--presets", "default", "--steps", "24", "--warmup", "2", "--rounds", "2"])
     out = capsys.readouterr().out
     assert "| tiny" in out and "default preset, tiny: ratio" in out
+    assert "heartbeat (self_healing.watchdog" in out and "us per optimizer step" in out
 
 
 def test_turns_alternate_strictly():
