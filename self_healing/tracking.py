@@ -3,7 +3,8 @@
 Attached by `SelfHealingCallback.attach()` when `"trackio" in args.report_to` (and
 `HealingConfig.trackio_logging`); otherwise nothing here is imported. Every optimizer step logs
 `healing/recovery_attempts`, `healing/nan_count`, `healing/skipped_steps`, `healing/rollbacks`,
-`healing/loss_spike_ratio` (when defined) and, with ZClip on, `zclip/raw_grad_norm`,
+`healing/loss_spike_ratio` (when defined), every 10th step `healing/goodput` and
+`healing/job_goodput` (self_healing.watchdog) and, with ZClip on, `zclip/raw_grad_norm`,
 `zclip/clipped_grad_norm`, `zclip/z_score` (after warm-up), `zclip/total_clips`; each evaluation
 logs `healing/eval_gap`. Every decision raises `trackio.alert`: INFO when ZClip clips an outlier,
 WARN on a skipped step, rollback, LR change or monitor finding, ERROR when the run gives up or dies.
@@ -102,6 +103,10 @@ class TrackioTracker(TrainerCallback):
         ratio = getattr(cb.monitor, "last_spike_ratio", None)
         if ratio is not None:
             m["healing/loss_spike_ratio"] = ratio
+        wd = getattr(cb, "watchdog", None)
+        if wd is not None and step % 10 == 0:  # goodput so far (self_healing.watchdog), every 10th step
+            g = wd.watchdog.goodput()
+            m["healing/goodput"], m["healing/job_goodput"] = g["launch"]["goodput"], g["job"]["goodput"]
         z = info.get("zclip")
         if cb.zclip is not None:
             m["zclip/total_clips"] = cb.zclip.total_clips

@@ -109,6 +109,13 @@ def test_healing_and_zclip_series_every_step(store):
         assert gap[s] == pytest.approx(eval_loss[s] - sum(recent) / len(recent), rel=1e-5)
 
 
+def test_goodput_every_tenth_step(store):
+    _, metrics, _ = store
+    good = series(metrics["r1"], "healing/goodput")
+    assert sorted(good) == [10, 20] and all(0 < v < 1 for v in good.values())
+    assert series(metrics["r1"], "healing/job_goodput") == good  # one launch: the job is this launch
+
+
 def test_same_step_axis_as_the_trainer(store):
     _, metrics, _ = store
     rows = metrics["r1"]
