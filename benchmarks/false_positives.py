@@ -85,12 +85,11 @@ def mixed_length_dataset(n: int = 256, seed: int = 0):
     return Dataset.from_list(rows)
 
 
-def saturating_reward() -> Callable[..., list[float]]:
+def saturating_reward(every: int = 7) -> Callable[..., list[float]]:
     """A GRPO reward the policy has (nearly) maxed: every completion gets the top reward 1.0, except
     that one call in `every` still sees some completions fail (0.0). Most groups therefore have no
     spread (zero advantages, a zero gradient with beta=0, a tiny KL-only one with beta>0)."""
     calls = [0]
-    every = 7
 
     def reward(completions, **kwargs) -> list[float]:
         calls[0] += 1
@@ -119,6 +118,7 @@ SCENARIOS: dict[str, Callable[[str, int], Any]] = {
     "heavy-weight-decay": lambda out, n: _build("trainer", out, n, weight_decay=5.0),
     "grpo-saturating": lambda out, n: _build("grpo", out, n, beta=0.04, reward_funcs=saturating_reward()),
     "grpo-saturating-beta0": lambda out, n: _build("grpo", out, n, reward_funcs=saturating_reward()),
+    "grpo-solved": lambda out, n: _build("grpo", out, n, beta=0.04, reward_funcs=saturating_reward(every=60)),
     # two unusual things at once (the test suite runs these to stay short)
     "zero-init-sgd-heavy-decay": lambda out, n: _optimizer(_zero_matrices(_build("trainer", out, n, lr=0.3)),
                                                            torch.optim.SGD, momentum=0.9, weight_decay=1.0),
@@ -222,20 +222,38 @@ def run(names: list[str], presets: list[str], steps: int, root: str) -> list[dic
     return rows
 
 
-HEADER = ("| scenario | optimizer | preset | steps | loss first -> last | interventions | zclip clips | "
-          "bit-identical | untouched |")
-
-
 def _line(r: dict[str, Any]) -> str:
+    """One run, printed as it finishes."""
     acts = ", ".join(r["actions"][:3]) + (" ..." if len(r["actions"]) > 3 else "") if r["actions"] else "0"
     return (f"| {r['scenario']} | {r['optimizer']} | {r['preset']} | {r['steps']} | {r['first_loss']:.3g} -> "
-            f"{r['last_loss']:.3g} | {acts} | {r['zclip_clips']} | {'yes' if r['identical'] else 'NO'} | "
-            f"{'yes' if untouched(r) else 'NO'} |")
+            f"{r['last_loss']:.3g} | {acts} | {r['zclip_clips']} | {'yes' if r['identical'] else 'NO'} |")
+
+
+def _cell(r: dict[str, Any] | None, zclip: bool = False) -> str:
+    if r is None:
+        return "-"
+    n = len(r["actions"]) + r["skipped"] + r["rollbacks"] + r["lr_cuts"]
+    out = f"{n} interventions, " + ("bit-identical" if r["identical"] else "differs")
+    if zclip:
+        out += f" ({r['zclip_clips']} ZClip clips)"
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    sep = "|" + "|".join("---" for _ in HEADER.strip("|").split("|")) + "|"
-    return "\n".join([HEADER, sep] + [_line(r) for r in rows])
+    """One line per scenario: what each preset did (interventions) and whether the result is
+    bit-identical to bare; `aggressive` differs only where ZClip clipped (a gradient transformation
+    by design), so `aggressive-no-zclip` is compared there too."""
+    by: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["scenario"], {})[r["preset"]] = r
+    lines = ["| scenario | optimizer | steps | loss first -> last | default | aggressive | aggressive without ZClip |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rs in by.items():
+        d = rs.get("default") or next(iter(rs.values()))
+        lines.append(f"| {name} | {d['optimizer']} | {d['steps']} | {d['first_loss']:.3g} -> {d['last_loss']:.3g} | "
+                     f"{_cell(rs.get('default'))} | {_cell(rs.get('aggressive'), zclip=True)} | "
+                     f"{_cell(rs.get('aggressive-no-zclip'))} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(args.scenarios, args.presets, args.steps, root)
     print()
     print(table(rows))
-    bad = [r for r in rows if not untouched(r) and r["preset"] != "aggressive" or (
-        r["preset"] == "aggressive" and (r["actions"] or r["skipped"] or r["rollbacks"] or r["lr_cuts"]))]
-    print(f"\n{len(rows) - len(bad)}/{len(rows)} rows untouched ({time.perf_counter() - t0:.0f} s)")
+    # aggressive with ZClip may differ from bare where ZClip clipped, never by an intervention
+    bad = [r for r in rows if not untouched(r) and not (
+        r["preset"] == "aggressive" and r["zclip_clips"] and untouched({**r, "identical": True}))]
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} runs untouched ({time.perf_counter() - t0:.0f} s)")
     return 1 if bad else 0
 
 
