@@ -373,6 +373,10 @@ class Watchdog:
         r, world = _rank_info(t)
         at = self._in_progress_step(phase, step)
         exiting = self.config.on_hang == "exit"
+        paused = _debugger_or_notebook(self._main_ident)
+        if exiting and paused:  # a program stopped at a breakpoint is not hung; a notebook's kernel is the user's
+            logger.warning("self-healing: %s: on_hang='exit' acts as 'warn' here", paused)
+            exiting = False
         backstop = None
         if exiting:  # whatever happens below (a write stuck on the same filesystem), the process ends
             backstop = threading.Timer(_REPORT_TIMEOUT, lambda: self.exit(HANG_EXIT_CODE))
@@ -659,6 +663,19 @@ def _ranks_behind(ranks: dict[str, dict[str, Any]]) -> list[str]:
     keys = {r: key(v) for r, v in ranks.items()}
     lo, hi = min(keys.values()), max(keys.values())
     return [r for r, k in keys.items() if k == lo] if lo != hi else []
+
+
+def _debugger_or_notebook(main_ident: int | None) -> str | None:
+    """Why exiting on a hang would be wrong here, or None: a debugger is tracing the training
+    thread (a breakpoint), or the process is an interactive kernel (Jupyter, IPython)."""
+    frame = sys._current_frames().get(main_ident) if main_ident is not None else None
+    while frame is not None:
+        if frame.f_trace is not None:
+            return "a debugger is attached to the training thread"
+        frame = frame.f_back
+    if "ipykernel" in sys.modules or hasattr(sys, "ps1"):
+        return "an interactive session (notebook or REPL): its kernel is not ours to end"
+    return None
 
 
 def _r(x: float) -> float:

@@ -229,3 +229,13 @@ def test_two_ranks_one_stuck_before_the_all_reduce_both_exit_hung_naming_it(tmp_
     assert hang["ranks"]["0"]["where"] == "backward" and hang["ranks"]["1"]["where"] == "forward"
     assert hang["ranks_behind"] == ["1"] and "rank(s) 1 behind the others" in hang["summary"]
     assert (out / "self-healing" / "hang-8-rank0.txt").is_file() and (out / "self-healing" / "hang-8-rank1.txt").is_file()
+
+
+def test_exit_becomes_warn_under_a_debugger_or_in_a_notebook(monkeypatch):
+    import threading
+
+    from self_healing.watchdog import _debugger_or_notebook
+
+    assert _debugger_or_notebook(threading.main_thread().ident) is None
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    assert "interactive" in _debugger_or_notebook(threading.main_thread().ident)
