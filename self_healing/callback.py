@@ -831,9 +831,12 @@ class SelfHealingCallback(TrainerCallback):
             gn_v = gn.detach().float().reshape(()).to(dev)
         else:
             gn_v = torch.tensor(float(gn) if isinstance(gn, (int, float)) else float("nan"), device=dev)
-        meta = torch.tensor([float(self._step_exception_kind), float(self.preempt_signal or 0)], device=dev)
+        own = self.watchdog.watchdog.take_own_seconds() if self.watchdog is not None else 0.0  # stragglers
+        meta = torch.tensor([float(self._step_exception_kind), float(self.preempt_signal or 0), own], device=dev)
         rows = gather_rows(torch.cat([loss_v.reshape(1), gn_v.reshape(1), meta])).tolist()
         self._rank_rows = rows
+        if self.watchdog is not None:  # each rank's own step time: a persistent straggler is named
+            self.watchdog.watchdog.observe_rank_times([r[4] for r in rows], self.trainer.state.global_step + 1)
         self._agreed_preempt = max(int(r[3]) for r in rows)
         if self._agreed_preempt and self.preempt_signal is None:
             self.preempt_signal = self._agreed_preempt

@@ -181,6 +181,12 @@ class Watchdog:
         "optimizer"; a plain attribute write from a forward pre-hook and around `accelerator.backward`,
         read only by the heartbeat file, so a hung rank can be told from the ranks waiting for it."""
         self._hooks: list[Any] = []
+        self._own = 0.0
+        """This rank's own time in the step so far, none of it spent waiting for other ranks: its
+        data wait and its forward passes (DDP's all-reduce starts in backward). Gathered each step
+        with the step's signals for straggler detection."""
+        self._fwd_t: float | None = None
+        self.stragglers = Stragglers()
 
     # ------------------------------------------------------------------------------------------
     # the training thread's side: microseconds
@@ -194,6 +200,8 @@ class Watchdog:
         self._spent[last] = self._spent.get(last, 0.0) + d
         if last == "train_step" or last == "generation":
             self._step_time += d
+        elif last == "data_wait":
+            self._own += d
         h = self._history.get(last)
         if h is None:
             h = self._history[last] = deque(maxlen=_HISTORY)
@@ -226,6 +234,7 @@ class Watchdog:
         self.recompute_until = -1
         self.job_base = None
         self.preempt_time = None
+        self._own, self._fwd_t, self.stragglers = 0.0, None, Stragglers()
         self._beat = ("startup", self.started_mono, 0)
         self._prev_heartbeat = None  # a killed launch's last word on its goodput, before ours replaces it
         t = getattr(self.cb, "trainer", None)
@@ -260,6 +269,7 @@ class Watchdog:
         try:
             def forward(module: Any, args: Any) -> None:
                 self.where = "forward"
+                self._fwd_t = time.monotonic()
 
             self._hooks.append(t.model.register_forward_pre_hook(forward, prepend=True))
             acc = t.accelerator
@@ -267,6 +277,9 @@ class Watchdog:
 
             def backward(*args: Any, **kwargs: Any) -> Any:
                 self.where = "backward"
+                if self._fwd_t is not None:
+                    self._own += time.monotonic() - self._fwd_t
+                    self._fwd_t = None
                 out = orig(*args, **kwargs)
                 self.where = "optimizer"
                 return out
@@ -638,11 +651,90 @@ class Watchdog:
     # ------------------------------------------------------------------------------------------
     # postmortem fields
     # ------------------------------------------------------------------------------------------
+    def observe_rank_times(self, times: list[float], step: int) -> None:
+        """Every rank's own step time, from the step's gather: name a persistent straggler."""
+        for entry in self.stragglers.observe(times, step):
+            t = getattr(self.cb, "trainer", None)
+            try:
+                hb = read_heartbeats(t.args.output_dir).get(entry["rank"]) if t is not None else None
+            except Exception:  # noqa: BLE001
+                hb = None
+            entry["host"] = (hb or {}).get("host")
+            msg = (f"rank {entry['rank']}" + (f" on {entry['host']}" if entry["host"] else "")
+                   + f" is a straggler: its own step time (data wait + forward) is {entry['slower_by']}x the other "
+                   f"ranks' median ({entry['own_seconds_per_step']:.3g}s vs {entry['others_median_seconds_per_step']:.3g}s) "
+                   f"on each of the last {entry['steps']} steps; every rank waits for it at the all-reduce")
+            logger.warning("self-healing: step %s: %s", step, msg)
+            tracker = getattr(self.cb, "tracker", None)
+            if tracker is not None:
+                try:
+                    tracker._alert(f"straggler: rank {entry['rank']}", msg, "WARN", step)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def take_own_seconds(self) -> float:
+        """This rank's own (not waiting) time since the last call: one number per step for the gather."""
+        own, self._own = self._own, 0.0
+        return own
+
     def postmortem_fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"goodput": self.goodput()}
+        if self.stragglers.found:
+            out["stragglers"] = self.stragglers.found[-20:]
         if self.hang_warnings:
             out["hang_warnings"] = self.hang_warnings[-20:]
         return out
+
+
+STRAGGLER_WINDOW = 20
+"""Steps a rank must be slower on, in a row, to be named a straggler."""
+STRAGGLER_FACTOR = 1.5
+"""How much slower than the median of the other ranks (its own time: data wait and forward)."""
+STRAGGLER_MIN_SECONDS = 0.005
+"""...and by at least this much per step (sub-millisecond noise on tiny steps is nobody's fault)."""
+
+
+class Stragglers:
+    """Each rank's own step time (data wait + forward, which no other rank can slow down) arrives
+    every step in the gather that already carries the step's signals; a rank slower than the
+    median of the others by `STRAGGLER_FACTOR` on `STRAGGLER_WINDOW` steps in a row is named
+    (rank, host, how much slower) in the log, trackio and the postmortem. Every rank sees the same
+    rows, so every rank reaches the same verdict without another collective."""
+
+    def __init__(self) -> None:
+        self.streak: dict[int, int] = {}
+        self.sums: dict[int, list[float]] = {}
+        self.named: set[int] = set()
+        self.found: list[dict[str, Any]] = []
+
+    def observe(self, times: list[float], step: int) -> list[dict[str, Any]]:
+        new = []
+        n = len(times)
+        if n < 2:
+            return new
+        for r, t in enumerate(times):
+            others = sorted(times[:r] + times[r + 1:])
+            med = others[len(others) // 2] if len(others) % 2 else 0.5 * (others[len(others) // 2 - 1]
+                                                                           + others[len(others) // 2])
+            slow = t > STRAGGLER_FACTOR * med and t - med > STRAGGLER_MIN_SECONDS
+            self.streak[r] = self.streak.get(r, 0) + 1 if slow else 0
+            acc = self.sums.setdefault(r, [0.0, 0.0, 0])
+            if slow:
+                acc[0] += t
+                acc[1] += med
+                acc[2] += 1
+            else:
+                self.sums[r] = [0.0, 0.0, 0]
+                self.named.discard(r)  # re-armed once it keeps up again
+            if self.streak[r] >= STRAGGLER_WINDOW and r not in self.named:
+                self.named.add(r)
+                own, med_sum, k = self.sums[r]
+                entry = {"rank": r, "step": step, "steps": k, "own_seconds_per_step": round(own / k, 4),
+                         "others_median_seconds_per_step": round(med_sum / k, 4),
+                         "slower_by": round(own / med_sum, 2) if med_sum > 0 else None}
+                self.found.append(entry)
+                new.append(entry)
+        return new
 
 
 _ORDER = {p: i for i, p in enumerate(("startup", "data_wait", "train_step", "generation", "after_step", "evaluation",

@@ -239,3 +239,23 @@ def test_exit_becomes_warn_under_a_debugger_or_in_a_notebook(monkeypatch):
     assert _debugger_or_notebook(threading.main_thread().ident) is None
     monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
     assert "interactive" in _debugger_or_notebook(threading.main_thread().ident)
+
+
+def test_a_rank_persistently_slower_is_named_a_straggler(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(Path(__file__).parent / "scripts" / "ddp_hang_run.py"), str(out),
+           "straggler"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pm = load_postmortem(out)
+    assert pm["exit_reason"] == "completed"
+    (s,) = pm["stragglers"]
+    assert s["rank"] == 1 and s["host"] == socket.gethostname() and s["slower_by"] > 1.5
+    assert s["own_seconds_per_step"] - s["others_median_seconds_per_step"] == pytest.approx(0.15, abs=0.08)
+    assert "rank 1 on" in p.stderr and "is a straggler" in p.stderr

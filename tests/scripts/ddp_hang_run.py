@@ -1,7 +1,8 @@
 """Under torchrun, 2 CPU processes (gloo): rank 1's forward blocks forever at step 8, so rank 0
 waits in the gradient all-reduce. Both watchdogs must end their process long before ddp_timeout.
+With MODE "straggler", rank 1's forward takes 0.15 s longer on every step instead (no hang).
 
-    python -m torch.distributed.run --nproc_per_node 2 ddp_hang_run.py OUT
+    python -m torch.distributed.run --nproc_per_node 2 ddp_hang_run.py OUT [straggler]
 """
 import sys
 import time
@@ -14,17 +15,20 @@ import torch  # noqa: E402
 HANG_AT = 8
 
 
-def main(output_dir: str) -> None:
+def main(output_dir: str, mode: str = "hang") -> None:
     from self_healing import HealingConfig, SelfHealingTrainer
     from self_healing.tiny import build_trainer
 
     torch.set_num_threads(1)
-    tr = build_trainer("trainer", output_dir=output_dir, max_steps=12, per_device_train_batch_size=4,
-                       save_strategy="steps", save_steps=5, ddp_timeout=600)
+    tr = build_trainer("trainer", output_dir=output_dir, max_steps=12 if mode == "hang" else 30,
+                       per_device_train_batch_size=4, save_strategy="steps", save_steps=5, ddp_timeout=600)
 
     def stuck(module, args):
-        if module.training and tr.args.process_index == 1 and tr.state.global_step + 1 == HANG_AT:
-            time.sleep(3600)
+        if module.training and tr.args.process_index == 1:
+            if mode == "straggler":
+                time.sleep(0.15)  # a slower GPU, a throttled host
+            elif tr.state.global_step + 1 == HANG_AT:
+                time.sleep(3600)
 
     tr.model.register_forward_pre_hook(stuck)
     cfg = HealingConfig(snapshot_every_steps=5, hang_floor_seconds=3.0, hang_startup_seconds=60.0,
@@ -34,4 +38,4 @@ def main(output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
