@@ -346,7 +346,8 @@ class SelfHealingTrainer:
             extra["preemption"] = {"seconds_to_checkpoint": round(took, 3),
                                    "grace_seconds": self.config.preemption_grace_seconds,
                                    "within_grace": took <= self.config.preemption_grace_seconds,
-                                   "evaluation_aborted": bool(cb.recorder.extra.pop("evaluation_aborted", False))}
+                                   "evaluation_aborted": bool(cb.recorder.extra.pop("evaluation_aborted", False)),
+                                   "estimate_at_signal": wd.grace_estimate}
         self.postmortem = cb.finish("interrupted", extra=extra)
         if ckpt is None:
             logger.error("self-healing: %s: NO resumable checkpoint of step %s (%s): a relaunch cannot resume this "

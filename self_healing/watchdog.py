@@ -187,6 +187,8 @@ class Watchdog:
         with the step's signals for straggler detection."""
         self._fwd_t: float | None = None
         self.stragglers = Stragglers()
+        self._grace_checked = False
+        self.grace_estimate: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------
     # the training thread's side: microseconds
@@ -235,6 +237,7 @@ class Watchdog:
         self.job_base = None
         self.preempt_time = None
         self._own, self._fwd_t, self.stragglers = 0.0, None, Stragglers()
+        self._grace_checked, self.grace_estimate = False, None
         self._beat = ("startup", self.started_mono, 0)
         self._prev_heartbeat = None  # a killed launch's last word on its goodput, before ours replaces it
         t = getattr(self.cb, "trainer", None)
@@ -245,10 +248,8 @@ class Watchdog:
                 pass
         self._stop.set()  # the threads of an earlier train() end at their next wake-up
         self._stop = stop = threading.Event()
-        if self.config.hang_detection:
-            self._thread = threading.Thread(target=self._watch, args=(stop,), name="self-healing-watchdog",
-                                            daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._watch, args=(stop,), name="self-healing-watchdog", daemon=True)
+        self._thread.start()  # hangs when hang_detection is on; the preemption grace always
         self._hb_thread = threading.Thread(target=self._heartbeat_files, args=(stop,), name="self-healing-heartbeat",
                                            daemon=True)
         self._hb_thread.start()
@@ -297,6 +298,30 @@ class Watchdog:
                 pass
         self._hooks = []
 
+    def _check_grace_fits(self, beat: tuple[str, float, int], signal_time: float) -> None:
+        """Right after a preemption signal: will the phase in progress plus a checkpoint fit in the
+        grace? Said at once (from the run's own timings), so a too-short grace is not a surprise."""
+        phase, since, _step = beat
+
+        def typical(ph: str) -> float | None:
+            h = sorted(self._history.get(ph) or ())
+            return h[len(h) // 2] if h else None
+
+        left = None
+        if phase in ("train_step", "generation", "eval_step", "data_wait", "after_step"):
+            t = typical(phase)
+            left = max(0.0, t - (time.monotonic() - since)) if t is not None else None
+        save = typical("save")
+        self.grace_estimate = {"phase": phase, "phase_seconds_left": None if left is None else round(left, 2),
+                               "save_seconds": None if save is None else round(save, 2)}
+        need = (left or 0.0) + (save or 0.0)
+        grace = self.config.preemption_grace_seconds - (time.monotonic() - signal_time)
+        if need > grace:
+            logger.warning("self-healing: preemption: the %s in progress (~%.1fs left) and a checkpoint (~%.1fs) will "
+                           "likely not fit in the %.1fs of grace left (preemption_grace_seconds=%g); raise it, or "
+                           "the scheduler's kill delay (Slurm KillWait, spot notice), or save faster", phase,
+                           left or 0.0, save or 0.0, grace, self.config.preemption_grace_seconds)
+
     def on_preempt_signal(self) -> None:
         """Called from the signal handler: the grace starts now."""
         if self.preempt_time is None:
@@ -333,13 +358,19 @@ class Watchdog:
         while not stop.is_set():
             phase, since, step = beat = self._beat
             pt = self.preempt_time
+            if pt is not None and not self._grace_checked and phase != _IDLE:
+                self._grace_checked = True
+                try:
+                    self._check_grace_fits(beat, pt)
+                except Exception:  # noqa: BLE001
+                    pass
             if pt is not None and phase != _IDLE and self.tripped is None and \
                     time.monotonic() - pt > self.config.preemption_grace_seconds:
                 try:
                     self._on_grace_exceeded(beat, time.monotonic() - pt)
                 except Exception as exc:  # noqa: BLE001
                     logger.warning("self-healing: watchdog check failed (%s: %s)", type(exc).__name__, exc)
-            elif phase != _IDLE and beat is not self._warned_beat:
+            elif self.config.hang_detection and phase != _IDLE and beat is not self._warned_beat:
                 try:
                     b = self.bound(phase)
                     waited = time.monotonic() - since

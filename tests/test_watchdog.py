@@ -259,3 +259,19 @@ def test_a_rank_persistently_slower_is_named_a_straggler(tmp_path):
     assert s["rank"] == 1 and s["host"] == socket.gethostname() and s["slower_by"] > 1.5
     assert s["own_seconds_per_step"] - s["others_median_seconds_per_step"] == pytest.approx(0.15, abs=0.08)
     assert "rank 1 on" in p.stderr and "is a straggler" in p.stderr
+
+
+def test_a_grace_too_short_for_the_step_and_the_save_is_said_at_the_signal(caplog):
+    class _CB:
+        config = HealingConfig(preemption_grace_seconds=25.0)
+        trainer = None
+
+    wd = Watchdog(_CB())
+    wd._history["train_step"] = [30.0] * 5
+    wd._history["save"] = [10.0] * 2
+    now = time.monotonic()
+    with caplog.at_level("WARNING", logger="self_healing"):
+        wd._check_grace_fits(("train_step", now - 5.0, 7), now)
+    assert "will likely not fit" in caplog.text
+    assert wd.grace_estimate == {"phase": "train_step", "phase_seconds_left": pytest.approx(25.0, abs=0.1),
+                                 "save_seconds": 10.0}
