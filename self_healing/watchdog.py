@@ -159,6 +159,7 @@ class Watchdog:
         self._hb_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._main_ident = threading.main_thread().ident
+        """The training thread (the one that called `train()`; set again by `start_run`)."""
         self._warned_beat: tuple[str, float, int] | None = None
         self.tripped: dict[str, Any] | None = None
         self.hang_warnings: list[dict[str, Any]] = []
@@ -229,6 +230,7 @@ class Watchdog:
         self.hang_warnings = []
         self._warned_beat = None
         self.started_wall, self.started_mono = time.time(), time.monotonic()
+        self._main_ident = threading.get_ident()  # train() may run in a thread of its own
         self._step_time, self._step_skipped = 0.0, False
         self._recent_steps.clear()
         self.lost = dict.fromkeys(self.lost, 0.0)
@@ -375,7 +377,10 @@ class Watchdog:
                     b = self.bound(phase)
                     waited = time.monotonic() - since
                     if waited > b:
-                        self._on_hang(beat, waited, b)
+                        if self._still_training():
+                            self._on_hang(beat, waited, b)
+                        else:  # train() left without a postmortem (an error before training began): stale
+                            self.stop()
                 except Exception as exc:  # noqa: BLE001 - the watchdog must never take the run down by mistake
                     logger.warning("self-healing: watchdog check failed (%s: %s)", type(exc).__name__, exc)
             stop.wait(self.config.hang_poll_seconds)
@@ -532,6 +537,19 @@ class Watchdog:
         if hist and cfg.hang_factor * max(hist) > self.bound(phase) - 1e-9 and cfg.hang_factor * max(hist) > 0:
             return f"hang_factor {cfg.hang_factor:g} x the longest of its last {len(hist)} ({max(hist):.3g}s)"
         return floor
+
+    def _still_training(self) -> bool:
+        """Is the training thread still inside `train()`? A phase left behind by a `train()` that
+        raised before its loop (and wrote no postmortem) must not end a process that moved on."""
+        frame = sys._current_frames().get(self._main_ident)
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name in ("train", "_inner_training_loop", "_finish_preempted") and (
+                    "self_healing" in code.co_filename or "transformers" in code.co_filename
+                    or "trl" in code.co_filename):
+                return True
+            frame = frame.f_back
+        return False
 
     def _training_stack(self) -> list[str]:
         frame = sys._current_frames().get(self._main_ident)

@@ -275,3 +275,15 @@ def test_a_grace_too_short_for_the_step_and_the_save_is_said_at_the_signal(caplo
     assert "will likely not fit" in caplog.text
     assert wd.grace_estimate == {"phase": "train_step", "phase_seconds_left": pytest.approx(25.0, abs=0.1),
                                  "save_seconds": 10.0}
+
+
+def test_a_phase_left_behind_outside_train_never_ends_the_process(tmp_path):
+    """train() raised before its loop without a postmortem: the stale phase must not trip later."""
+    tr = build_trainer("trainer", output_dir=str(tmp_path / "run"), max_steps=2)
+    sh = SelfHealingTrainer(tr, HealingConfig(hang_startup_seconds=0.3, hang_poll_seconds=0.05))
+    wd = sh.callback.watchdog.watchdog
+    exits = []
+    wd.exit = exits.append
+    wd.start_run()  # as train() does, then it "raised" and this thread moved on
+    time.sleep(1.0)
+    assert not exits and wd.phase == "idle" and not (tmp_path / "run" / "postmortem.json").exists()
