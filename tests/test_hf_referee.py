@@ -244,3 +244,53 @@ def test_remove_callback_turns_the_plugin_off(tmp_path, mode):
     with pytest.raises(IndexError, match="out of bounds"):
         trainer.train()
     assert [type(c) for c in trainer.callback_handler.callbacks] == [type(c) for c in bare.callback_handler.callbacks]
+
+
+class SmallInitChain(nn.Module):
+    """Four 1-wide linear layers (output x3 each) and a head, initialised the way a `PreTrainedModel`
+    is by default (weights N(0, 0.02), zero bias): the weights must grow ~50x before it fits."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.blocks = nn.ModuleList(nn.Linear(1, 1) for _ in range(4))
+        self.head = nn.Linear(1, 1)
+        with torch.no_grad():
+            for m in [*self.blocks, self.head]:
+                m.weight.normal_(0.0, 0.02, generator=g)
+                m.bias.zero_()
+
+    def forward(self, x, labels=None):
+        for block in self.blocks:
+            x = 3 * block(x)
+        out = self.head(x)
+        loss = nn.functional.mse_loss(out, labels) if labels is not None else None
+        return {"loss": loss, "logits": out}
+
+
+def _chain_run(mode: str | None, out_dir: str) -> tuple[Trainer, SelfHealingCallback | None]:
+    targs = TrainingArguments(out_dir, per_device_train_batch_size=1, num_train_epochs=3, learning_rate=0.1,
+                              save_strategy="no", report_to=[], disable_tqdm=True, seed=42, logging_steps=1000)
+    callbacks = [SelfHealingCallback(HealingConfig())] if mode == "callbacks" else []
+    trainer = Trainer(SmallInitChain(seed=2), targs, train_dataset=NoisyLine(noise=0.1, seed=2), callbacks=callbacks)
+    if mode == "attach":
+        SelfHealingCallback(HealingConfig()).attach(trainer)
+    (SelfHealingTrainer(trainer, HealingConfig()) if mode == "wrapper" else trainer).train()
+    cbs = [c for c in trainer.callback_handler.callbacks if isinstance(c, SelfHealingCallback)]
+    return trainer, (cbs[0] if cbs else None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_small_initial_weights_growing_fast_are_not_divergence(tmp_path, mode):
+    """Seen on transformers' `test_gradient_checkpointing` model (N(0, 0.02) init, lr 0.1, batch size 1):
+    "step 10: global weight norm grew 31.68x in 10 steps ... while the smoothed loss rose ... -> rollback,
+    reduce_lr". The divergence rule (weight norm x `weight_growth_factor` within one check interval while
+    the smoothed loss rose 25%: detectors.py / callback.py, commit 73ae2a5) matches small weights growing
+    fast while a batch-size-1 loss wanders. Here, bare, the loss (mean per 16 steps) goes 7.7, 2.9, 1.2,
+    0.5, ... 0.01; with the plugin it is rolled back and its LR halved twice (steps 10 and 20), loss 11.0 in
+    the second window, train loss 2.44 instead of 1.33. A healthy run must end bit-identical to bare."""
+    bare, _ = _chain_run(None, str(tmp_path / "bare"))
+    healed, cb = _chain_run(mode, str(tmp_path / mode))
+    assert _acted(cb) == {}, f"the plugin acted on a healthy run: {_acted(cb)}"
+    for (name, p), (_, q) in zip(bare.model.named_parameters(), healed.model.named_parameters()):
+        assert torch.equal(p, q), f"{name} differs from the bare run"
