@@ -871,7 +871,12 @@ class WatchdogHooks:
         cb, t = self.cb, self.cb.trainer
         wd = self.watchdog
 
-        def around(name: str, phase: str, after: str | None = None, on_error: str | None = None) -> None:
+        def around(name: str, phase: str, after: str | None = None, on_error: str | None = None,
+                   keep: bool = False, fresh: tuple[str, ...] = ()) -> None:
+            """`phase` while `name` runs; then `after` (default: the phase before), or with `keep` the
+            same phase runs on (a save's `on_save` callbacks, which upload or copy it, belong to it);
+            `fresh`: phases whose history starts over (the first batch after a resume skips the
+            data already seen)."""
             if not hasattr(t, name):
                 return
 
@@ -881,6 +886,8 @@ class WatchdogHooks:
                         return orig(*args, **kwargs)
                     before = wd.phase
                     wd.beat(phase)
+                    for f in fresh:
+                        wd._history.pop(f, None)
                     try:
                         out = orig(*args, **kwargs)
                     except BaseException as exc:
@@ -888,7 +895,7 @@ class WatchdogHooks:
                             wd.beat(on_error)  # closes the step in progress first: its time is lost
                             wd.step_failed()
                         raise
-                    if wd.phase != _IDLE:
+                    if wd.phase != _IDLE and not keep:
                         wd.beat(after or before)
                     return out
 
@@ -901,9 +908,9 @@ class WatchdogHooks:
 
         around("get_batch_samples", "data_wait", after="train_step")
         around("evaluate", "evaluation")
-        around("_save_checkpoint", "save")
-        around("_load_best_model", "save")
-        around("_inner_training_loop", "startup", after="finishing", on_error="recovery")
+        around("_save_checkpoint", "save", keep=True)
+        around("_load_best_model", "save", keep=True)
+        around("_inner_training_loop", "startup", after="finishing", on_error="recovery", fresh=("data_wait",))
         for gen in ("_generate_and_score_completions", "_generate"):
             if hasattr(t, gen):
                 around(gen, "generation", after="train_step")
