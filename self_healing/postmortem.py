@@ -521,6 +521,18 @@ def format_postmortem(pm: dict[str, Any], max_events: int = 20) -> str:
             lines.append(f"    diagnosis: {diag['summary']}")
         for fr in (pm.get("traceback") or [])[-3:]:
             lines.append(f"    at {fr}")
+    hang = pm.get("hang") if isinstance(pm.get("hang"), dict) else None
+    if hang:
+        lines.append(f"  hang: {hang.get('summary') or hang.get('phase')}")
+        if hang.get("dump"):
+            lines.append(f"    every thread's stack: {hang['dump']}")
+        frames = [str(f).strip().splitlines()[0] for f in (hang.get("stack") or []) if str(f).strip()]
+        for fr in frames[-2:]:
+            lines.append(f"    at {fr}")
+    for s in (pm.get("stragglers") or [])[:3] if isinstance(pm.get("stragglers"), list) else []:
+        if isinstance(s, dict):
+            lines.append(f"  straggler: rank {s.get('rank')}" + (f" on {s['host']}" if s.get("host") else "")
+                         + f", {_num(s.get('slower_by'))}x the others' own step time from step {s.get('step')}")
     acts = pm.get("recovery_actions") or []
     dropped = pm.get("recovery_actions_dropped") or 0
     restored = next((a["details"]["restored_step"] for a in reversed(acts)

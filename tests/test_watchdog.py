@@ -237,6 +237,9 @@ def test_two_ranks_one_stuck_before_the_all_reduce_both_exit_hung_naming_it(tmp_
     assert pm["exit_reason"] == "hung" and hang["rank"] == 0 and hang["step"] == 8 and hang["world_size"] == 2
     assert hang["ranks"]["0"]["where"] == "backward" and hang["ranks"]["1"]["where"] == "forward"
     assert hang["ranks_behind"] == ["1"] and "rank(s) 1 behind the others" in hang["summary"]
+    report = format_postmortem(pm)
+    assert "  hang: train_step at step 8" in report and "rank(s) 1 behind the others" in report
+    assert "every thread's stack: " in report
     assert (out / "self-healing" / "hang-8-rank0.txt").is_file() and (out / "self-healing" / "hang-8-rank1.txt").is_file()
 
 
@@ -268,6 +271,7 @@ def test_a_rank_persistently_slower_is_named_a_straggler(tmp_path):
     assert s["rank"] == 1 and s["host"] == socket.gethostname() and s["slower_by"] > 1.5
     assert s["own_seconds_per_step"] - s["others_median_seconds_per_step"] == pytest.approx(0.15, abs=0.08)
     assert "rank 1 on" in p.stderr and "is a straggler" in p.stderr
+    assert f"  straggler: rank 1 on {socket.gethostname()}" in format_postmortem(pm)
 
 
 def test_a_grace_too_short_for_the_step_and_the_save_is_said_at_the_signal(caplog):
