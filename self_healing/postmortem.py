@@ -306,6 +306,8 @@ _PM_FIELDS: dict[str, tuple[Any, str]] = {
     "diagnosis": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
     "hang": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
     "goodput": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
+    "stragglers": (_opt(lambda v: isinstance(v, list)), "a list or null"),
+    "hang_warnings": (_opt(lambda v: isinstance(v, list)), "a list or null"),
 }
 _EVENT_FIELDS: dict[str, tuple[Any, str]] = {
     "step": (_opt(_is_int_), "an integer or null"),
@@ -374,7 +376,7 @@ def headline(pm: dict[str, Any]) -> str:
             where = f"at step {h['step']}" + (f"/{pm['max_steps']}" if pm.get("max_steps") else "")
         waited, bound = h.get("seconds_waited"), h.get("bound_seconds")
         how = f" for {_num(waited)}s (bound {_num(bound)}s)" if _is_num(waited) and _is_num(bound) else ""
-        return f"HUNG {where}{took}: {h.get('phase')} made no progress{how}"
+        return f"HUNG {where}{took}: {str(h.get('phase'))[:100]} made no progress{how}"
     if reason == "gave_up":
         why = pm.get("give_up_reason") or next((a.get("escalation") or a.get("diagnosis") for a in reversed(acts)
                                                if "give_up" in (a.get("actions") or [])), "reason not recorded")
@@ -395,21 +397,25 @@ def goodput_lines(pm: dict[str, Any]) -> list[str]:
     """`goodput: 91.2% of 14.3 min (lost steps 0.4 min, checkpointing 0.6 min, ...)`, for this
     launch and, after relaunches, for the job: productive step time over wall time, the badput
     largest first."""
+    def real(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
     g = pm.get("goodput")
     if not isinstance(g, dict):
         return []
     out = []
     for key, label in (("launch", "goodput"), ("job", "job goodput")):
         part = g.get(key)
-        if not isinstance(part, dict) or not _is_num(part.get("wall_seconds")) or not isinstance(part.get("seconds"), dict):
+        if not isinstance(part, dict) or not real(part.get("wall_seconds")) or not isinstance(part.get("seconds"), dict):
             continue
-        if key == "job" and (part.get("launches") or 1) <= 1:
+        launches = part.get("launches")
+        if key == "job" and not (_is_int_(launches) and launches > 1):
             continue
         wall = float(part["wall_seconds"])
         ratio = part.get("goodput")
-        bad = sorted(((k, v) for k, v in part["seconds"].items() if k != "productive" and _is_num(v) and v > 0),
+        bad = sorted(((str(k), float(v)) for k, v in part["seconds"].items() if k != "productive" and real(v) and v > 0),
                      key=lambda kv: -kv[1])
-        head = f"  {label}: " + (f"{100 * ratio:.1f}%" if _is_num(ratio) else "n/a") + f" of {_duration(wall)}"
+        head = f"  {label}: " + (f"{100 * ratio:.1f}%" if real(ratio) else "n/a") + f" of {_duration(wall)}"
         if key == "job":
             head += f" over {part.get('launches')} launches"
         if bad:
@@ -526,7 +532,8 @@ def format_postmortem(pm: dict[str, Any], max_events: int = 20) -> str:
         lines.append(f"  hang: {hang.get('summary') or hang.get('phase')}")
         if hang.get("dump"):
             lines.append(f"    every thread's stack: {hang['dump']}")
-        frames = [str(f).strip().splitlines()[0] for f in (hang.get("stack") or []) if str(f).strip()]
+        stack = hang.get("stack") if isinstance(hang.get("stack"), list) else []
+        frames = [str(f).strip().splitlines()[0] for f in stack if str(f).strip()]
         for fr in frames[-2:]:
             lines.append(f"    at {fr}")
     for s in (pm.get("stragglers") or [])[:3] if isinstance(pm.get("stragglers"), list) else []:

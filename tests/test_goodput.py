@@ -85,3 +85,32 @@ def test_job_goodput_carries_across_a_kill_and_a_relaunch(tmp_path):
         assert launch["lost_seconds"]["recomputed"] > 0  # the steps after the checkpoint, done again
     assert job["goodput"] < launch["goodput"]
     assert "job goodput" in format_postmortem(pm).splitlines()[2]
+
+
+def test_any_goodput_hang_or_straggler_block_is_reported_without_crashing():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from self_healing.postmortem import headline, postmortem_problem
+
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-10, 10 ** 6), st.floats(allow_nan=True),
+                     st.text(max_size=8), st.sampled_from(["nan", "inf", "-inf"]))
+    anyv = st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                      st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                        max_leaves=8)
+    block = st.fixed_dictionaries({}, optional={"wall_seconds": anyv, "goodput": anyv, "launches": anyv,
+                                                "seconds": st.one_of(anyv, st.dictionaries(
+                                                    st.sampled_from(list(GOODPUT_PARTS)), anyv, max_size=4))})
+    pms = st.fixed_dictionaries({"exit_reason": st.sampled_from(["hung", "completed", "interrupted"])}, optional={
+        "goodput": st.one_of(anyv, st.fixed_dictionaries({}, optional={"launch": block, "job": block})),
+        "hang": st.one_of(st.dictionaries(st.sampled_from(["phase", "step", "seconds_waited", "bound_seconds",
+                                                          "summary", "dump", "stack"]), anyv, max_size=5)),
+        "stragglers": anyv, "max_steps": st.integers(0, 100), "last_step": st.integers(0, 100)})
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(pm=pms)
+    def check(pm):
+        if postmortem_problem(pm) is None:
+            assert headline(pm) and format_postmortem(pm)
+
+    check()
