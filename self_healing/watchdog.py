@@ -35,7 +35,7 @@ fixes the bound of a phase outright. When the bound is passed:
 
 1. every thread's Python stack is dumped with `faulthandler` (it reads the frames without the GIL
    being released by the blocked thread: a thread stuck in a C++ collective or a `queue.get` is
-   shown where it is), and torch's NCCL flight recorder where there is one, to
+   shown where it is), and torch's flight recorder of the last collectives where there is one, to
    `output_dir/self-healing/hang-<step>-rank<r>.txt`;
 2. the postmortem is written with `exit_reason: "hung"` and a `hang` block: phase, step, seconds
    waited and the bound, the training thread's stack, and every rank's last heartbeat (each rank's
@@ -569,14 +569,16 @@ class Watchdog:
                 f.flush()
                 faulthandler.dump_traceback(f, all_threads=True)
                 f.flush()
-                nccl = _nccl_flight_recorder()
-                if nccl is not None:
-                    side = path.with_suffix(".nccl.pkl")
-                    side.write_bytes(nccl)
-                    f.write(f"\nNCCL flight recorder: {side.name} ({len(nccl)} bytes, pickled; "
-                            "torch's tools/flight_recorder reads it)\n")
+                fr = _flight_recorder()
+                if fr is None:
+                    f.write("\nflight recorder: not available (no process group, or a torch without one)\n")
                 else:
-                    f.write("\nNCCL flight recorder: not available (no NCCL process group, or torch without it)\n")
+                    kind, data = fr
+                    side = path.with_name(path.stem + (".flight-recorder.json" if kind == "json" else
+                                                       ".flight-recorder.pkl"))
+                    side.write_bytes(data)
+                    f.write(f"\ntorch's flight recorder (the last collectives of every process group): {side.name}\n")
+                    f.write(_flight_recorder_summary(kind, data))
             return path
         except OSError as exc:
             logger.error("self-healing: could not write the hang dump %s (%s); all threads' stacks go to stderr",
@@ -827,21 +829,45 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 4) if b > 0 else None
 
 
-def _nccl_flight_recorder() -> bytes | None:
-    """torch's NCCL flight recorder (the last collectives of every process group), when torch has
-    one and NCCL is in use; None otherwise."""
+def _flight_recorder() -> tuple[str, bytes] | None:
+    """torch's flight recorder (the last collectives of every process group: NCCL, and gloo in
+    recent torch) as ("json", bytes) or ("pickle", bytes); None without a process group or one."""
     try:
         import torch
 
-        if not (torch.cuda.is_available() and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return None
-        if torch.distributed.get_backend() != "nccl":
-            return None
-        from torch._C._distributed_c10d import _dump_nccl_trace  # type: ignore[attr-defined]
+        import torch._C._distributed_c10d as c10d
 
-        return _dump_nccl_trace()
-    except Exception:  # noqa: BLE001
+        if hasattr(c10d, "_dump_fr_trace_json"):
+            return "json", c10d._dump_fr_trace_json()
+        for name in ("_dump_fr_trace", "_dump_nccl_trace"):
+            if hasattr(c10d, name):
+                return "pickle", getattr(c10d, name)()
+    except Exception:  # noqa: BLE001 - a dump that fails must not stop the hang report
         return None
+    return None
+
+
+def _flight_recorder_summary(kind: str, data: bytes) -> str:
+    """Where each process group stands and its last collectives, in a few lines."""
+    if kind != "json":
+        return "  (pickled: torch's tools/flight_recorder reads it)\n"
+    try:
+        fr = json.loads(data)
+    except ValueError:
+        return ""
+    lines = []
+    for pg, st in (fr.get("pg_status") or {}).items():
+        lines.append(f"  process group {pg}: last enqueued collective {st.get('last_enqueued_collective')}, started "
+                     f"{st.get('last_started_collective')}, completed {st.get('last_completed_collective')}")
+    entries = fr.get("entries") or []
+    for e in entries[-8:]:
+        lines.append(f"  #{e.get('collective_seq_id')} {e.get('profiling_name')} {e.get('input_sizes')} "
+                     f"state={e.get('state')}")
+    if not entries:
+        lines.append("  no entries: set TORCH_FR_BUFFER_SIZE=2000 in the launch environment to record them")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------

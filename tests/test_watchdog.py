@@ -229,7 +229,7 @@ def test_two_ranks_one_stuck_before_the_all_reduce_both_exit_hung_naming_it(tmp_
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port), str(Path(__file__).parent / "scripts" / "ddp_hang_run.py"), str(out)]
     start = time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=ENV)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env={**ENV, "TORCH_FR_BUFFER_SIZE": "2000"})
     assert p.returncode != 0 and "DONE" not in p.stdout, p.stderr[-3000:]
     assert time.monotonic() - start < 120  # ddp_timeout is 600 s
     pm = load_postmortem(out)  # rank 0's: it was waiting in the all-reduce, in backward
@@ -240,6 +240,9 @@ def test_two_ranks_one_stuck_before_the_all_reduce_both_exit_hung_naming_it(tmp_
     report = format_postmortem(pm)
     assert "  hang: train_step at step 8" in report and "rank(s) 1 behind the others" in report
     assert "every thread's stack: " in report
+    dump = (out / "self-healing" / "hang-8-rank0.txt").read_text()
+    assert "gloo:all_reduce" in dump and "process group 0: last enqueued collective" in dump  # flight recorder
+    assert (out / "self-healing" / "hang-8-rank0.flight-recorder.json").is_file()
     assert (out / "self-healing" / "hang-8-rank0.txt").is_file() and (out / "self-healing" / "hang-8-rank1.txt").is_file()
 
 
