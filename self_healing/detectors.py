@@ -92,6 +92,10 @@ class LossSpikeDetector:
 
     The ratio test alone fires on losses that hover near zero (RL objectives), so a spike must also
     be `min_z` standard deviations above the mean, like llm-foundry's and OLMo's outlier tests.
+    It must also be `factor` x the largest recent healthy loss: with batch size 1 a squared-error loss
+    is chi-square distributed and passes "5x the mean, 4 sigma" by chance every ~100 samples, while a
+    healthy loss 5x the largest of the last 50 is vanishingly rare (for a smooth LLM loss the window's
+    maximum is about its mean, so nothing changes there).
     And it must reach `floor_fraction` of the loss the run started from (the mean of its first
     `min_history` healthy losses): a loss that went from 1e-4 to 1e-2 after DPO drove it to ~0 is
     100x its mean and far outside its tiny spread, yet still a loss the model is done learning;
@@ -126,6 +130,8 @@ class LossSpikeDetector:
         floor = self.floor_fraction * self.initial if self.initial is not None and self.initial > 0 else 0.0
         if loss <= floor:
             return None
+        if loss <= self.factor * max(self.window.values):
+            return None  # heavy-tailed losses (batch size 1: a squared error is chi-square) reach 5x the mean by chance
         return Detection("loss_spike", -1, {"loss": loss, "running_mean": self.window.mean, "ratio": r,
                                              "factor": self.factor, "z_score": z})
 
@@ -285,13 +291,14 @@ def check_lr(lrs: Iterable[float], scheduled: Iterable[float] | None, factor: fl
 
 REACH_KEY = "self_healing:update_reach"
 GROWTH_KEY = "self_healing:update_log_growth"
+EPOCH_KEY = "self_healing:update_epoch"
 LOSS_KEY = "self_healing:smoothed_loss"
 FIRST_LOSS_KEY = "self_healing:first_loss"
 """Entries of `StateReport.optimizer_norms` that are not optimizer state: the process's update
 odometers (`snapshot.UpdateReach`) and the run's smoothed and first healthy loss (from this
 thread's `StepMonitor`) when the report was taken. They travel with the optimizer norms wherever
 those go (the distributed gather in the callback sends every key with its reference)."""
-PSEUDO_KEYS = (REACH_KEY, GROWTH_KEY, LOSS_KEY, FIRST_LOSS_KEY)
+PSEUDO_KEYS = (REACH_KEY, GROWTH_KEY, EPOCH_KEY, LOSS_KEY, FIRST_LOSS_KEY)
 
 _MONITORS: "weakref.WeakValueDictionary[int, StepMonitor]" = weakref.WeakValueDictionary()
 """The newest `StepMonitor` of each thread (a run's callback, its steps and its state checks all
@@ -430,6 +437,8 @@ def _beyond_update_reach(report: StateReport, reference: StateReport, growth_fac
     reach, ref_reach = report.update_reach, reference.update_reach
     if reach is None or ref_reach is None:
         return None
+    if report.optimizer_norms.get(EPOCH_KEY) != reference.optimizer_norms.get(EPOCH_KEY):
+        return None  # odometers of two different optimizers: nothing to conclude
     moved = reach - ref_reach
     log_growth = report.update_log_growth - reference.update_log_growth
     if not (math.isfinite(moved) and moved >= 0 and math.isfinite(log_growth) and log_growth >= 0):
@@ -457,9 +466,9 @@ def _loss_confirmed_blowup(report: StateReport, reference: StateReport, growth_f
     falling loss and never qualify; no loss known (RL policy losses) means no verdict."""
     ref_w, w = reference.weight_norm, report.weight_norm
     loss = report.optimizer_norms.get(LOSS_KEY)
-    before = reference.optimizer_norms.get(LOSS_KEY)
-    if before is None:
-        before = report.optimizer_norms.get(FIRST_LOSS_KEY)
+    start = report.optimizer_norms.get(FIRST_LOSS_KEY)
+    then = reference.optimizer_norms.get(LOSS_KEY)
+    before = then if then is not None else start
     if loss is None or before is None or not (ref_w > 0 and before > 0):
         return None
     if w > growth_factor * ref_w and loss > (1 + loss_margin) * before:
@@ -488,6 +497,9 @@ class StepMonitor:
         self.loss_ema: float | None = None
         """EMA (0.7) of the healthy losses: the loss side of `compare_state`'s evidence."""
         self.first_loss: float | None = None
+        """The first healthy loss (a mean of several was tried: a run blown up by its LR climbs within
+        them, and its second blow-up after the rollback went unseen)."""
+        self._first_losses: list[float] = []
         _MONITORS[threading.get_ident()] = self
 
     def check(self, s: StepSignals) -> list[Detection]:
@@ -529,8 +541,9 @@ class StepMonitor:
             return None
         self.spike.accept(s.loss)
         self.loss_ema = s.loss if self.loss_ema is None else 0.7 * self.loss_ema + 0.3 * s.loss
-        if self.first_loss is None:
-            self.first_loss = s.loss
+        if len(self._first_losses) < 1:  # where the run started: its first healthy loss
+            self._first_losses.append(s.loss)
+            self.first_loss = sum(self._first_losses) / len(self._first_losses)
         lrs = s.scheduled_lrs if s.scheduled_lrs else s.lrs
         finite = [float(x) for x in lrs if is_finite(float(x))] if lrs else []
         self.divergence.observe_lr(max(finite) if finite else None)
@@ -545,7 +558,8 @@ class StepMonitor:
 
     def state_dict(self) -> dict:
         return {"spike": self.spike.state_dict(), "grad": self.grad.state_dict(),
-                "divergence": self.divergence.state_dict(), "loss_ema": self.loss_ema, "first_loss": self.first_loss}
+                "divergence": self.divergence.state_dict(), "loss_ema": self.loss_ema, "first_loss": self.first_loss,
+                "first_losses": list(self._first_losses)}
 
     def load_state_dict(self, s: dict) -> None:
         self.spike.load_state_dict(s["spike"])
@@ -553,3 +567,4 @@ class StepMonitor:
         self.divergence.load_state_dict(s["divergence"])
         self.loss_ema = s.get("loss_ema", self.loss_ema)
         self.first_loss = s.get("first_loss", self.first_loss)
+        self._first_losses = list(s.get("first_losses", self._first_losses))

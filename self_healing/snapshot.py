@@ -44,7 +44,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .detectors import (FIRST_LOSS_KEY, GROWTH_KEY, LOSS_KEY, REACH_KEY, StateReport, adam_update_bound,
+from .detectors import (EPOCH_KEY, FIRST_LOSS_KEY, GROWTH_KEY, LOSS_KEY, REACH_KEY, StateReport, adam_update_bound,
                         adamax_update_bound, current_losses)
 from .distributed import local_tensor, reshard
 
@@ -164,16 +164,17 @@ class UpdateReach:
     bitsandbytes, GrokAdamW, schedule-free, DeepSpeed's...) gets no odometer: its reports carry
     none, and only non-finite values or the loss can then condemn the weights.
 
-    The odometers only grow, for every hooked optimizer of the process, so the difference
-    between two reports bounds the movement between them whichever optimizer made the older one
-    (a rollback to an older snapshot, a second `train()`).
+    Each optimizer has its own odometers (from 0, in float64) and an epoch number that goes into
+    its reports; two reports of different optimizers (a snapshot of an earlier `train()`) are not
+    compared. A process-wide odometer was tried first: after a run at a huge LR it reached 1e12+,
+    where a small-LR step's bound is below its ulp and adds nothing (a false positive).
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.reach = 0.0
+        self.epochs = 0
+        self.reach = 0.0  # the old process-wide odometers: unused now (tests may still reset them)
         self.log_growth = 0.0
-        self.device_acc: dict[torch.device, torch.Tensor] = {}
         self.optimizers: "weakref.WeakKeyDictionary[Any, _OptimizerReach]" = weakref.WeakKeyDictionary()
 
     def track(self, opt: Any) -> "_OptimizerReach | None":
@@ -189,27 +190,6 @@ class UpdateReach:
             except TypeError:
                 return None
         return info
-
-    def add_device(self, value: torch.Tensor) -> None:
-        acc = self.device_acc.get(value.device)
-        if acc is None:
-            self.device_acc[value.device] = value.detach().double() if value.device.type == "cpu" else value.detach().float()
-        else:
-            acc.add_(value.detach().to(acc.dtype))
-
-    def pending(self) -> list[torch.Tensor]:
-        """Device accumulators still to fold in (read in the report's one host sync)."""
-        return list(self.device_acc.values())
-
-    def fold(self, values: list[float]) -> None:
-        """Add the device accumulators' values (as read) to the host odometer and zero them. A
-        non-finite value comes from a non-finite update, which left non-finite weights behind
-        (condemned by that alone, then rolled back past every step folded here): it adds nothing."""
-        for v in values:
-            if math.isfinite(v):
-                self.reach += v
-        for acc in self.device_acc.values():
-            acc.zero_()
 
 
 REACH = UpdateReach()
@@ -231,6 +211,13 @@ class _OptimizerReach:
         self.owner = owner
         self.rule = _rule_for(opt)
         self.known = self.rule is not None and hasattr(opt, "register_step_post_hook")
+        self.reach = 0.0
+        self.log_growth = 0.0
+        self.device_acc: dict[torch.device, torch.Tensor] = {}
+        owner.epochs += 1
+        self.epoch = float(owner.epochs)
+        """Which optimizer the odometers belong to: reports of two optimizers are not compared (a
+        process-wide odometer reached 1e12+ after a huge-LR run, where a small step adds nothing)."""
         self.steps: dict[int, int] = {}
         self.betas: dict[int, Any] = {}
         self.peak: dict[int, float] = {}
@@ -265,15 +252,37 @@ class _OptimizerReach:
                 growth = max(growth, math.log(a) if a > 1 else 0.0)
             with self.owner.lock:
                 if math.isfinite(total) and math.isfinite(growth):  # else: non-finite weights, see fold()
-                    self.owner.reach += total
-                    self.owner.log_growth += growth
+                    self.reach += total
+                    self.log_growth += growth
                 for t in dev:
-                    self.owner.add_device(t)
+                    self.add_device(t)
         except Exception:  # noqa: BLE001 - an unknown layout: no odometer for this optimizer, ever
             self.known = False
             if self.handle is not None:
                 self.handle.remove()
                 self.handle = None
+
+
+    def add_device(self, value: torch.Tensor) -> None:
+        acc = self.device_acc.get(value.device)
+        if acc is None:
+            self.device_acc[value.device] = value.detach().double() if value.device.type == "cpu" else value.detach().float()
+        else:
+            acc.add_(value.detach().to(acc.dtype))
+
+    def pending(self) -> list[torch.Tensor]:
+        """Device accumulators still to fold in (read in the report's one host sync)."""
+        return list(self.device_acc.values())
+
+    def fold(self, values: list[float]) -> None:
+        """Add the device accumulators' values (as read) to the host odometer and zero them. A
+        non-finite value comes from a non-finite update, which left non-finite weights behind
+        (condemned by that alone, then rolled back past every step folded here): it adds nothing."""
+        for v in values:
+            if math.isfinite(v):
+                self.reach += v
+        for acc in self.device_acc.values():
+            acc.zero_()
 
 
 class _Unknown(Exception):
@@ -426,16 +435,17 @@ def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateRepo
         tracked = REACH.track(opt)
         if tracked is not None and tracked.known:
             with REACH.lock:
-                pending = [t.cpu() for t in REACH.pending()]
+                pending = [t.cpu() for t in tracked.pending()]
     values = torch.stack([n.double().reshape(()) for n in norms] + [t.double().reshape(()) for t in pending]).tolist()
     extra = values[len(norms):]
     values = values[:len(norms)]
     opt_norms = dict(zip(keys, values[1:]))
     if tracked is not None and tracked.known:
         with REACH.lock:
-            REACH.fold(extra)
-            opt_norms[REACH_KEY] = REACH.reach
-            opt_norms[GROWTH_KEY] = REACH.log_growth
+            tracked.fold(extra)
+            opt_norms[REACH_KEY] = tracked.reach
+            opt_norms[GROWTH_KEY] = tracked.log_growth
+            opt_norms[EPOCH_KEY] = tracked.epoch
     loss, first = current_losses()  # the run's loss, for a blow-up the loss must confirm
     if loss is not None and first is not None and math.isfinite(loss) and math.isfinite(first):
         opt_norms[LOSS_KEY], opt_norms[FIRST_LOSS_KEY] = loss, first
