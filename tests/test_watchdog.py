@@ -303,3 +303,23 @@ def test_a_phase_left_behind_outside_train_never_ends_the_process(tmp_path):
     wd.start_run()  # as train() does, then it "raised" and this thread moved on
     time.sleep(1.0)
     assert not exits and wd.phase == "idle" and not (tmp_path / "run" / "postmortem.json").exists()
+
+
+def test_sigterm_during_a_save_stops_right_after_it(tmp_path):
+    out = tmp_path / "run"
+    tr = build_trainer("trainer", output_dir=str(out), max_steps=20, save_strategy="steps", save_steps=6)
+    save_model = tr.save_model
+
+    def preempted_save(*a, **k):
+        if tr.state.global_step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # the notice lands in the middle of this save
+        return save_model(*a, **k)
+
+    tr.save_model = preempted_save
+    sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5, exit_on_preemption=False))
+    sh.train()
+    pm = read_postmortem(sh)
+    assert pm["exit_reason"] == "interrupted" and pm["last_step"] == 6 and tr.state.global_step == 6
+    assert pm["checkpoint"].endswith("checkpoint-6") and verify_checkpoint(pm["checkpoint"])[0]
+    assert pm["preemption"]["within_grace"] and not pm["preemption"]["evaluation_aborted"]
+    assert not (out / "checkpoint-7").exists()
