@@ -5,7 +5,8 @@ rank that died, a deadlocked dataloader worker, a save stuck on a network filesy
 that never returns. `ddp_timeout` (30 min by default, often raised to "never") sees only the first
 of these. Here each process gets one daemon thread, the **watchdog**; the training thread only
 leaves a heartbeat (a tuple of phase, monotonic time and step assigned to an attribute: no lock,
-no system call, well under a microsecond) when it moves from one phase to the next:
+about a microsecond; ~5 us per optimizer step in all, `benchmarks/overhead.py`) when it moves
+from one phase to the next:
 
 ==============  ==============================================================================
 phase           from ... to ...
@@ -18,14 +19,15 @@ after_step      the step ended -> the next batch is asked for (the Trainer's log
 evaluation      `evaluate()` entered -> its first prediction step ended; after the last one, the
                 metrics (`compute_metrics`)
 eval_step       one prediction step to the next
-save            `_save_checkpoint` (and loading the best model at the end)
+save            `_save_checkpoint` and the `on_save` callbacks after it (an upload, a copy); loading
+                the best model at the end
 recovery        an exception left the training loop -> the loop is entered again (the
                 orchestrator's diagnosis, resume checkpoint, reload)
 finishing       the loop returned -> the postmortem is written
 preemption      a preemption signal was acted on -> checkpoint, postmortem, exit
 ==============  ==============================================================================
 
-The watchdog wakes every `hang_poll_seconds` (one second at most) and compares the time spent in
+The watchdog wakes every `hang_poll_seconds` (1 s by default) and compares the time spent in
 the current phase with that phase's bound, `max(floor, hang_factor x the longest of its last 64
 durations)` (a run's own history: a slow-but-steady eval step or save calibrates its own bound);
 the floor is `hang_floor_seconds` for steps, `hang_startup_seconds` for startup and for the first
@@ -891,6 +893,7 @@ class WatchdogHooks:
         self._eval_len: int | None = None
         self._phase_before_eval = "after_step"
         self._warned_long_run = False
+        self._warn_at = 10
 
     # --- wrappers --------------------------------------------------------------------------------
     def install(self) -> None:
@@ -960,6 +963,7 @@ class WatchdogHooks:
         except Exception as exc:  # noqa: BLE001
             logger.warning("self-healing: could not read the previous launch's goodput (%s)", exc)
         self._warn_hidden_hangs(args, state)
+        self._warn_at = state.global_step + 10  # once 10 steps have shown the step time
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -968,7 +972,7 @@ class WatchdogHooks:
             return control
         wd.beat("after_step", state.global_step)
         wd.step_ended(state.global_step)
-        if not self._warned_long_run and state.global_step == 10:
+        if not self._warned_long_run and state.global_step == self._warn_at:
             self._warned_long_run = True
             self._warn_no_checkpoints(args, state)
         return control
