@@ -57,6 +57,8 @@ class PlotInfo:
     """Steps on the loss line."""
     labels: int = 0
     """Incidents labelled with their failure and actions."""
+    goodput: dict[str, float] = field(default_factory=dict)
+    """The launch's wall time by part (seconds) drawn as the goodput bar, when the postmortem has it."""
 
 
 def event_category(event: dict[str, Any]) -> str:
@@ -218,11 +220,46 @@ def plot_postmortem(pm: dict[str, Any], path: str | Path, title: str | None = No
     if facts:  # the numbers that say whether the model is fine, under the title
         fig.text(0.01, 1 - 0.34 / height, "\n".join(facts), fontsize=8.5, color="#444444", ha="left", va="top",
                  linespacing=1.3)
+    info.goodput = _goodput_bar(fig, pm, height)
     fig.subplots_adjust(left=0.08, right=0.98, top=top, bottom=0.08)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())  # a killed `report --plot` never leaves a torn PNG
     return info
+
+
+_GOODPUT_COLOURS = {"productive": "#2ca02c", "lost": "#d62728", "recovery": "#ff7f0e", "checkpointing": "#1f77b4",
+                    "evaluation": "#9467bd", "startup": "#8c564b", "data_and_logging": "#bcbd22", "finishing": "#7f7f7f",
+                    "hung": "#111111", "preemption": "#e377c2"}
+
+
+def _goodput_bar(fig: Any, pm: dict[str, Any], height: float) -> dict[str, float]:
+    """The launch's wall time as one bar, top right: productive in green, each badput part shaded
+    in its colour (`self_healing.watchdog.GOODPUT_PARTS`)."""
+    g = pm.get("goodput") if isinstance(pm.get("goodput"), dict) else {}
+    launch = g.get("launch") if isinstance(g.get("launch"), dict) else {}
+    secs = launch.get("seconds") if isinstance(launch.get("seconds"), dict) else {}
+    parts = {k: float(v) for k, v in secs.items() if k in _GOODPUT_COLOURS and isinstance(v, (int, float))
+             and not isinstance(v, bool) and math.isfinite(v) and v > 0}
+    total = sum(parts.values())
+    if total <= 0:
+        return {}
+    ax = fig.add_axes((0.72, 0.1 / height, 0.26, 0.14 / height))  # bottom right, clear of the facts and title
+    left = 0.0
+    for k in _GOODPUT_COLOURS:
+        if k in parts:
+            w = parts[k] / total
+            ax.barh(0, w, left=left, color=_GOODPUT_COLOURS[k], alpha=1.0 if k == "productive" else 0.55, lw=0)
+            if w > 0.08:
+                ax.text(left + w / 2, 0, k.replace("_and_", "/").replace("checkpointing", "ckpt"), ha="center",
+                        va="center", fontsize=7, color="white" if k in ("productive", "hung") else "#222222")
+            left += w
+    ax.set_xlim(0, 1)
+    ax.set_axis_off()
+    ratio = launch.get("goodput")
+    ax.text(-0.01, 0.5, f"goodput {100 * ratio:.1f}%" if isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+            and math.isfinite(ratio) else "goodput", fontsize=8, ha="right", va="center", transform=ax.transAxes)
+    return parts
 
 
 __all__ = ["plot_postmortem", "PlotInfo", "PlotUnavailable", "series", "event_category", "CATEGORIES"]

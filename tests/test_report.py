@@ -99,6 +99,8 @@ def test_real_run_history_around_the_event_and_plot_marking_it(tmp_path):
     assert w >= 800 and h >= 500 and (tmp_path / "r.png").stat().st_size > 20_000
     assert info.markers == {"skip": [25]} and info.nonfinite_steps == [25] and info.labels == 1
     assert info.points == 50
+    parts = pm["goodput"]["launch"]["seconds"]  # the goodput bar: every non-zero part, productive included
+    assert info.goodput == {k: v for k, v in parts.items() if v > 0} and info.goodput["productive"] > 0
 
 
 def test_plot_marks_rollback_lr_change_and_give_up(tmp_path):
