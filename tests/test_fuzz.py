@@ -40,7 +40,8 @@ def assert_clear(exc: BaseException, names) -> None:
     """A ValueError whose message names one of `names`, short enough to read."""
     assert isinstance(exc, ValueError), f"{type(exc).__name__}: {exc}"
     msg = str(exc)
-    assert any(str(n) in msg for n in names), msg[:500]
+    # named as is, or by its repr (a key with control characters must not reach a terminal raw)
+    assert any(str(n) in msg or repr(str(n)) in msg for n in names), msg[:500]
     assert len(msg) < 5000, f"message of {len(msg)} characters"
 
 
