@@ -52,6 +52,9 @@ class ZClipDecision:
         reference's `apply_in_place_clipping`."""
         if not self.clipped or not math.isfinite(self.raw_norm) or self.raw_norm <= 0:
             return 1.0
+        if not self.adaptive:  # the warm-up's fixed cap: torch's clip_grad_norm_ bit for bit (float32 math)
+            norm = torch.tensor(self.raw_norm, dtype=torch.float32)
+            return float(torch.clamp(torch.reciprocal(norm + 1e-6) * self.clipped_norm, max=1.0))
         return self.clipped_norm / (self.raw_norm + 1e-6)
 
     @property

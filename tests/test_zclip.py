@@ -273,3 +273,24 @@ def test_lr_x3000_spike_zclip_alone_vs_fixed_clipping(tmp_path):
 def inject_and_return(trainer, *faults):
     inject_faults(trainer, *faults)
     return trainer
+
+
+def test_warm_up_clipping_is_the_trainers_fixed_clipping_bit_for_bit(tmp_path):
+    """During ZClip's warm-up it clips with the Trainer's max_grad_norm: the run must be the bare
+    run exactly (torch computes the coefficient in float32; a float64 one differs in the last bit)."""
+    import torch
+
+    from self_healing import HealingConfig, SelfHealingTrainer
+    from self_healing.tiny import build_trainer
+
+    def run(cfg):
+        tr = build_trainer("trainer", output_dir=str(tmp_path / ("sh" if cfg else "bare")), max_steps=12,
+                           max_grad_norm=0.5)
+        (SelfHealingTrainer(tr, cfg) if cfg else tr).train()
+        return tr
+
+    bare = run(None)
+    sh = run(HealingConfig.aggressive().replace(snapshot_every_steps=5))  # ZClip warm-up: 25 steps
+    assert sh.callback_handler.callbacks  # ran with the plugin
+    w0, w1 = bare.model.state_dict(), sh.model.state_dict()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
