@@ -1102,6 +1102,9 @@ class SelfHealingCallback(TrainerCallback):
             more["zclip"] = self.zclip.summary()
         if self.watchdog is not None:
             more.update(self.watchdog.watchdog.postmortem_fields())
+        notes = [n for m in self.monitors for n in getattr(m, "notes", [])]
+        if notes:  # INFO findings that changed nothing (a GRPO task solved), kept for the record
+            more["notes"] = notes
         if extra:
             more.update(extra)
         pm = self.recorder.build(exit_reason, last_step=getattr(state, "global_step", 0),

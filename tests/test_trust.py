@@ -326,3 +326,17 @@ def test_calling_the_wrapped_trainers_own_train_twice_is_two_runs(tmp_path):
     tr.train()
     pm = postmortem(tr)
     assert pm["exit_reason"] == "completed" and pm["recovery_actions"] == [] and pm["counters"]["nan_count"] == 0
+
+
+def test_a_monitors_info_notes_reach_the_postmortem(tmp_path):
+    """A GRPO task solved is an INFO note, not a failure: it must still be on record."""
+    tr = build_trainer("trainer", output_dir=str(tmp_path / "t"), max_steps=3)
+    sh = SelfHealingTrainer(tr, CFG)
+    sh.train()
+
+    class Solved:
+        notes = [{"step": 2, "summary": "the task is solved or too easy: no learning signal left"}]
+
+    sh.callback.monitors.append(Solved())
+    pm = sh.callback.finish("completed")
+    assert pm["notes"] == Solved.notes and postmortem(tr)["notes"] == Solved.notes
