@@ -35,6 +35,14 @@ def raised(fn, *args, **kwargs) -> BaseException:
     return info.value
 
 
+def bare_then_protected(mode: str, build):
+    """The bare trainer's exception, then (trainer, exception) of the same build protected in `mode`.
+    `build(name, callbacks=None)`."""
+    bare = raised(build("bare").train)
+    tr, train = protect(mode, lambda callbacks=None: build(mode, callbacks))
+    return bare, tr, raised(train)
+
+
 def postmortem(tr) -> dict:
     return json.loads(Path(tr.args.output_dir, "postmortem.json").read_text())
 
@@ -61,9 +69,7 @@ def _with_bad_metrics(tmp_path, name, callbacks=None):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_keyerror_in_compute_metrics_is_raised_unchanged_not_skipped(mode, tmp_path):
-    bare = raised(_with_bad_metrics(tmp_path, "bare").train)
-    tr, train = protect(mode, lambda callbacks=None: _with_bad_metrics(tmp_path, mode, callbacks))
-    exc = raised(train)
+    bare, tr, exc = bare_then_protected(mode, lambda name, callbacks=None: _with_bad_metrics(tmp_path, name, callbacks))
     assert type(exc) is type(bare) and str(exc) == str(bare)
     assert tr.state.global_step == 10  # stopped where the bare run stops: no retry, no skipped batch
     pm = postmortem(tr)
@@ -142,9 +148,8 @@ def _eval_collator_breaks(tmp_path, name, callbacks=None):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_collator_error_in_evaluation_surfaces_as_the_users_error(mode, tmp_path):
-    bare = raised(_eval_collator_breaks(tmp_path, "bare").train)
-    tr, train = protect(mode, lambda callbacks=None: _eval_collator_breaks(tmp_path, mode, callbacks))
-    exc = raised(train)
+    bare, tr, exc = bare_then_protected(
+        mode, lambda name, callbacks=None: _eval_collator_breaks(tmp_path, name, callbacks))
     assert type(exc) is type(bare) is KeyError and str(exc) == str(bare)
     assert tr.state.global_step == 6
 
