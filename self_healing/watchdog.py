@@ -472,12 +472,7 @@ class Watchdog:
                      f"checkpoint), exit code {HANG_EXIT_CODE}" if exiting else " (on_hang='warn': waiting)")
         if not exiting:
             self.hang_warnings.append({k: v for k, v in hang.items() if k != "stack"})
-            tracker = getattr(self.cb, "tracker", None)
-            if tracker is not None:
-                try:
-                    tracker._alert(f"hang at step {at}", summary, "ERROR", step)
-                except Exception:  # noqa: BLE001
-                    pass
+            self._alert(f"hang at step {at}", summary, "ERROR", step)
             return
         self.tripped = hang
         self._hang_spent = waited
@@ -718,12 +713,16 @@ class Watchdog:
                    f"ranks' median ({entry['own_seconds_per_step']:.3g}s vs {entry['others_median_seconds_per_step']:.3g}s) "
                    f"on each of the last {entry['steps']} steps; every rank waits for it at the all-reduce")
             logger.warning("self-healing: step %s: %s", step, msg)
-            tracker = getattr(self.cb, "tracker", None)
-            if tracker is not None:
-                try:
-                    tracker._alert(f"straggler: rank {entry['rank']}", msg, "WARN", step)
-                except Exception:  # noqa: BLE001
-                    pass
+            self._alert(f"straggler: rank {entry['rank']}", msg, "WARN", step)
+
+    def _alert(self, title: str, text: str, level: str, step: int) -> None:
+        """A trackio alert when the run reports there; an alert must never disturb the watchdog."""
+        tracker = getattr(self.cb, "tracker", None)
+        if tracker is not None:
+            try:
+                tracker._alert(title, text, level, step)
+            except Exception:  # noqa: BLE001
+                pass
 
     def take_own_seconds(self) -> float:
         """This rank's own (not waiting) time since the last call: one number per step for the gather."""
