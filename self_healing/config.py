@@ -67,6 +67,7 @@ class HealingConfig:
     starts again after `recovery_reset_steps` healthy steps, so a week-long run with several
     unrelated incidents is not stopped by the sum of them."""
     recovery_reset_steps: int = 200
+    """Healthy steps in a row after which the count of spent `max_recovery_attempts` starts again at 0."""
     nan_patience: int = 3
     """Consecutive non-finite steps that are skipped (weights untouched) before a rollback."""
 
@@ -74,22 +75,28 @@ class HealingConfig:
     loss_spike_factor: float = 5.0
     """A step whose loss exceeds this many times the running mean is a spike."""
     loss_spike_window: int = 50
+    """Healthy losses kept in the running window the spike test compares against (its mean, spread
+    and largest loss)."""
     loss_spike_patience: int = 2
     """Consecutive spikes skipped before the weights themselves are suspected (rollback)."""
     divergence_patience: int = 20
     """Steps the smoothed loss must keep rising (and stay `divergence_tolerance` above its best)."""
     divergence_tolerance: float = 0.25
+    """How far above its best the smoothed loss must be (0.25: 25%) to count as divergence, besides
+    rising for `divergence_patience` steps and standing 3x its noise above the best."""
 
     # --- gradient / LR / state signals ---------------------------------------------------------
     grad_norm_threshold: float | None = None
     """Absolute pre-clip gradient-norm limit; `None` leaves only the adaptive z-score test."""
     grad_z_threshold: float = 6.0
+    """z-score of the pre-clip gradient norm against its recent healthy norms above which a step is a
+    `gradient_explosion` (if it is also `grad_spike_factor` x their mean and their largest)."""
     grad_spike_factor: float = 10.0
     """A z-score outlier counts only if it is also this many times the running mean norm."""
     lr_spike_factor: float = 10.0
     """An LR this many times above what the scheduler set is a spike."""
     weight_growth_factor: float = 10.0
-    """Slack of the finite weight tests (README "Precision"): the weight norm must grow past this
+    """Slack of the finite weight tests (docs/reliability.md, "Precision"): the weight norm must grow past this
     many times the largest growth the optimizer's updates since the last good check could cause
     (corruption: written outside the optimizer), or by this factor within one check interval while
     the loss rose (the LR is too high: divergence). Values near 1 are still sound."""
@@ -98,16 +105,29 @@ class HealingConfig:
 
     # --- healing -------------------------------------------------------------------------------
     lr_reduction_factor: float = 0.5
+    """Multiplier of the LR at each cut (divergence, a failure recurring soon after a rollback,
+    `kl_blowup`, oscillation, a growth forecast the LR explains). The cut persists: param groups,
+    `initial_lr` and the scheduler's `base_lrs`."""
     min_lr_scale: float = 1e-3
     """The LR is never cut below this fraction of the user's; past it the run gives up."""
     clip_tighten_factor: float = 0.5
+    """Multiplier of the clipping threshold when clipping is tightened (a gradient explosion or loss
+    spike recurring after a rollback; an early-warning growth warning): the Trainer's `max_grad_norm`
+    (clipping that was off is turned on at the recent healthy norm), or ZClip's z threshold (not
+    below 0.5) when ZClip is on."""
 
     # --- ZClip (adaptive clipping) -------------------------------------------------------------
     zclip_enabled: bool = False
+    """Adaptive gradient clipping (ZClip, arXiv:2504.02507): after its warm-up it replaces the
+    Trainer's fixed `max_grad_norm` clipping, which then only measures the norm."""
     zclip_z_threshold: float = 2.5
+    """z-score of the gradient norm (against ZClip's EMA mean and std) above which ZClip clips."""
     zclip_alpha: float = 0.97
+    """EMA decay of ZClip's running mean and variance of the gradient norm."""
     zclip_warmup_steps: int = 25
+    """Steps in which ZClip only gathers statistics; the Trainer's `max_grad_norm` clips meanwhile."""
     zclip_mode: str = "zscore"
+    """"zscore": clip an outlier as `zclip_clip_option` says; "percentile": clip at mean + z_t x std."""
     zclip_clip_option: str = "adaptive_scaling"
     """In `zscore` mode, how an outlier is clipped: "adaptive_scaling" (the paper's reciprocal
     threshold, mean + z·std / (z_t/z)) or "mean" (to the EMA mean)."""
@@ -118,16 +138,22 @@ class HealingConfig:
     plateau_patience_steps: int = 50
     """Steps a preference loss must sit at its chance value (ln 2 for DPO) with margin ~0."""
     plateau_loss_tolerance: float = 0.01
+    """How close to its chance value the preference loss must stay to count towards a plateau."""
     plateau_margin_tolerance: float = 0.02
+    """How close to 0 `rewards/margins` must stay to count towards a plateau."""
     plateau_lr_factor: float = 2.0
     """LR raise per plateau finding (2-5x), applied until `plateau_max_lr_scale` in total."""
     plateau_max_lr_scale: float = 5.0
+    """Cap on the total LR raise from plateau findings (the product of the `plateau_lr_factor` raises)."""
     reward_collapse_patience_steps: int = 20
+    """Steps (GRPO/RLOO) with no reward spread, or with the smoothed reward down by
+    `reward_drop_fraction` of its gain, before `reward_collapse` is reported (alert only)."""
     reward_std_tolerance: float = 1e-4
     """`reward_std` at or below this counts as no spread (when TRL logs no `frac_reward_zero_std`)."""
     reward_drop_fraction: float = 0.5
     """Fraction of its gain the smoothed mean reward must lose to count as a collapse."""
     kl_max: float = 10.0
+    """KL to the reference (GRPO/RLOO with `beta` > 0) above this is a `kl_blowup`: LR cut, alert."""
     kl_spike_factor: float = 10.0
     """KL above this many times its running median is a blow-up (as is KL above `kl_max`)."""
     overfit_gap: float = 0.5
@@ -149,7 +175,7 @@ class HealingConfig:
     raises the probe loss beyond its calibrated bound is undone (`probe_regression`). 0 = off."""
     curvature_every_steps: int = 0
     """Every N steps, Hutchinson Hessian trace, top Hessian eigenvalue and SAM sharpness on the
-    probe batch, recorded in the postmortem (costly: see the README). 0 = off."""
+    probe batch, recorded in the postmortem (costly: see docs/early-warning.md). 0 = off."""
     early_warning_mode: str = "heal"
     """"heal": act on the signals above; "observe": only record what they would have done."""
     target_false_alarm_rate: float = 1e-4
@@ -174,6 +200,8 @@ class HealingConfig:
     `ewc_steps` steps after any rollback, an EWC pull towards the restored weights is added to the
     gradient. 0 = off."""
     ewc_steps: int = 20
+    """Steps after a rollback during which the EWC pull is added to the gradient (needs
+    `fisher_every_steps`)."""
     ewc_strength: float = 0.5
     """Norm of the EWC pull as a fraction of the gradient's norm."""
 
@@ -182,7 +210,10 @@ class HealingConfig:
     """Steps between in-memory snapshots; "auto" picks the interval from the measured copy time so
     snapshots cost under `snapshot_budget` of step time."""
     snapshot_budget: float = 0.005
+    """Share of step time that "auto" snapshots may cost (0.005: 0.5%)."""
     snapshot_keep: int = 3
+    """Snapshots in the ring; host memory is about this many times weights plus optimizer state.
+    Rotation never drops the last verified one."""
     snapshot_verify_steps: int = 3
     """Healthy steps after a snapshot before it counts as a verified-good rollback target."""
     snapshot_spill_dir: str | None = None
@@ -192,13 +223,20 @@ class HealingConfig:
 
     # --- crashes (OOM, data, I/O) --------------------------------------------------------------
     api_backoff_seconds: float = 1.0
+    """First wait before retrying a transient network or storage error (ConnectionError,
+    TimeoutError, HTTP 5xx/429, EIO...); doubled at each retry, jittered."""
     api_backoff_max_seconds: float = 60.0
+    """Cap on that wait."""
     max_api_retries: int = 5
+    """Retries of a transient error inside a training step; past them it goes to the orchestrator,
+    which backs off and resumes from the current state."""
     max_skipped_batches: int = 10
     """Distinct batches a data error may skip before the run gives up (a pipeline bug, not noise)."""
     preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
     """On these signals: finish the step, checkpoint, write the postmortem, exit."""
     exit_on_preemption: bool = True
+    """After a preemption signal's checkpoint and postmortem, exit with 128 + signal (what a
+    launcher expects); false: `train()` returns instead."""
     preemption_grace_seconds: float = 25.0
     """Seconds from a preemption signal to the process's exit, checkpoint and postmortem on disk
     (Slurm's default KillWait gives 30 s before SIGKILL; spot VMs 30 s to 2 min). A signal during
