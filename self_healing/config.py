@@ -161,7 +161,7 @@ class HealingConfig:
     trackio_logging: bool = True
     """When the Trainer reports to trackio, log `healing/*`, `zclip/*` and alerts to its run."""
 
-    # --- early warning (self_healing.early_warning, self_healing.signals; README "Early warning") --
+    # --- early warning (self_healing.early_warning, self_healing.signals; docs/early-warning.md) ---
     # Every signal here is opt-in: none is on in any preset until benchmarks/early_warning.py shows
     # it beats the basic detectors above. While all are off nothing is attached and no step pays.
     growth_forecast: bool = False
@@ -246,7 +246,7 @@ class HealingConfig:
     auto_resume: bool = True
     """Resume from the newest verified checkpoint when the last run in `output_dir` did not complete."""
 
-    # --- hangs (self_healing.watchdog; README "Hangs, preemption and goodput") ------------------
+    # --- hangs (self_healing.watchdog; docs/crashes-and-preemption.md) -------------------------
     hang_detection: bool = True
     """A watchdog thread per process compares the time spent in the current phase (startup, data
     wait, train step, generation, evaluation step, save...) with that phase's bound:

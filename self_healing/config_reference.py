@@ -63,7 +63,8 @@ def field_docs() -> list[FieldDoc]:
         for line in reversed(lines[: node.lineno - 1]):
             m = _SECTION.match(line)
             if m:
-                section = m.group(1).strip()
+                # "early warning (self_healing.early_warning, ...)": the heading keeps the topic only
+                section = re.sub(r"\s*\([^)]*self_healing\.[^)]*\)", "", m.group(1)).strip()
                 break
         found[node.target.id] = (ast.unparse(node.annotation), doc, section)
     out = []
@@ -161,6 +162,12 @@ def render() -> str:
     w("")
     w("Only the fields in which a preset differs from the dataclass default are listed here; every "
       "other field has its default in every preset.")
+    w("")
+    w("`default` never changes a healthy run: a clean run trains exactly like the bare trainer (tested; "
+      "[reliability.md](reliability.md#precision-healthy-runs-untouched)). `aggressive` heals at the first sign "
+      "of trouble and turns on ZClip, whose adaptive threshold replaces the Trainer's fixed `max_grad_norm` after "
+      "its warm-up ([healing.md](healing.md#zclip-adaptive-gradient-clipping)). `conservative` intervenes only on "
+      "clear failures and gives up early.")
     w("")
     w("## All fields")
     w("")

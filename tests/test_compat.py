@@ -1,4 +1,4 @@
-"""Compatibility: one row of the README's trainer table per trainer type, each proven here on a
+"""Compatibility: one row of the trainer table in docs/compatibility.md per trainer type, each proven here on a
 real tiny run, with and without a LoRA adapter: the plugin attaches the row's monitors, a NaN
 loss injected at step 5 is skipped before it reaches the weights, and the run completes."""
 import re
@@ -21,7 +21,7 @@ PREF = dict(per_device_train_batch_size=4, max_length=32)
 
 
 def readme_table() -> dict[str, list[str]]:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "compatibility.md").read_text()
     section = text.split("## Trainer-aware monitors", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
