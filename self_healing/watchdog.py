@@ -91,6 +91,8 @@ _HISTORY = 64
 _IDLE = "idle"
 _HEARTBEAT_FILE_SECONDS = 5.0
 _REPORT_TIMEOUT = 60.0
+_PEER_WAIT_SECONDS = 3.0
+"""How long a rank whose collective failed on a lost connection looks for a peer's `hung` heartbeat."""
 """The most the hang report (dump, postmortem) may take before the process exits anyway."""
 
 GOODPUT_PARTS = ("productive", "lost", "recovery", "checkpointing", "evaluation", "startup", "data_and_logging",
@@ -192,6 +194,13 @@ class Watchdog:
         self.stragglers = Stragglers()
         self._grace_checked = False
         self.grace_estimate: dict[str, Any] | None = None
+        self._report_lock = threading.Lock()
+        """Held by whichever thread writes this process's hang report (the watchdog at a bound, the
+        training thread when a collective failed because a peer hung): one report, one exit."""
+        self._reported = threading.Event()
+        self.hung_marker: dict[str, Any] | None = None
+        """Set when this process ends as hung: written into its heartbeat file before the exit, so
+        the ranks whose collectives then fail on the closed connection know why."""
 
     # ------------------------------------------------------------------------------------------
     # the training thread's side: microseconds
@@ -242,6 +251,7 @@ class Watchdog:
         self.preempt_time = None
         self._own, self._fwd_t, self.stragglers = 0.0, None, Stragglers()
         self._grace_checked, self.grace_estimate = False, None
+        self._report_lock, self._reported, self.hung_marker = threading.Lock(), threading.Event(), None
         self._beat = ("startup", self.started_mono, 0)
         self._prev_heartbeat = None  # a killed launch's last word on its goodput, before ours replaces it
         t = getattr(self.cb, "trainer", None)
@@ -407,7 +417,7 @@ class Watchdog:
         data = {"rank": r, "world_size": world, "pid": os.getpid(), "host": socket.gethostname(), "step": step,
                 "phase": phase, "where": self.where, "phase_seconds": round(time.monotonic() - since, 3),
                 "time": time.time(),
-                "run_id": self.cb.recorder.extra.get("run_id"),
+                "run_id": self.cb.recorder.extra.get("run_id"), "hung": self.hung_marker,
                 "goodput": self.goodput() if r == 0 else None}
         atomic_write_text(heartbeat_path(t.args.output_dir, r), json.dumps(data, default=str))
 
@@ -417,24 +427,36 @@ class Watchdog:
     def _in_progress_step(self, phase: str, step: int) -> int:
         return step + 1 if phase in ("data_wait", "train_step", "generation") else step
 
-    def _on_hang(self, beat: tuple[str, float, int], waited: float, bound: float) -> None:
+    def _on_hang(self, beat: tuple[str, float, int], waited: float, bound: float,
+                 peers: dict[int, dict[str, Any]] | None = None, error: BaseException | None = None) -> None:
+        """Report a hang (and by default exit). `peers` (rank -> heartbeat): other ranks that ended
+        as hung, whose exit made this rank's collective fail with `error`: the same hang, seen here."""
         phase, _since, step = beat
         self._warned_beat = beat
         t = self.cb.trainer
         r, world = _rank_info(t)
         at = self._in_progress_step(phase, step)
-        exiting = self.config.on_hang == "exit"
+        exiting = self.config.on_hang == "exit" or peers is not None  # a peer is gone: the group cannot go on
         paused = _debugger_or_notebook(self._main_ident)
-        if exiting and paused:  # a program stopped at a breakpoint is not hung; a notebook's kernel is the user's
+        if exiting and paused and peers is None:  # a program stopped at a breakpoint is not hung
             logger.warning("self-healing: %s: on_hang='exit' acts as 'warn' here", paused)
             exiting = False
+        if exiting and not self._report_lock.acquire(blocking=False):
+            return  # the other thread is writing this process's hang report and exits
         backstop = None
         if exiting:  # whatever happens below (a write stuck on the same filesystem), the process ends
             backstop = threading.Timer(_REPORT_TIMEOUT, lambda: self.exit(HANG_EXIT_CODE))
             backstop.daemon = True
             backstop.start()
-        summary = (f"{phase} at step {at} has not progressed for {waited:.1f}s (its bound is {bound:.1f}s: "
-                   f"{self._bound_reason(phase)})")
+        if peers:
+            who = ", ".join(str(k) for k in sorted(peers))
+            first = next(iter(peers.values())).get("hung") or {}
+            summary = (f"rank(s) {who} hung ({first.get('phase')} at step {first.get('step')}) and were ended by "
+                       f"their watchdog; this rank's {phase} at step {at} then failed "
+                       f"({type(error).__name__}: {str(error).strip()[:200]})")
+        else:
+            summary = (f"{phase} at step {at} has not progressed for {waited:.1f}s (its bound is {bound:.1f}s: "
+                       f"{self._bound_reason(phase)})")
         stack = self._training_stack()
         path = self._dump(at, r, summary, stack)
         ranks = {}
@@ -453,6 +475,9 @@ class Watchdog:
                 "bound_seconds": round(bound, 2), "bound_reason": self._bound_reason(phase), "rank": r,
                 "world_size": world, "dump": str(path) if path else None, "stack": stack,
                 "action": "exit" if exiting else "warn"}
+        if peers:
+            hang["hung_peers"] = sorted(peers)
+            hang["error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
         if world > 1:
             hang["ranks"] = ranks
             behind = _ranks_behind(ranks)
@@ -467,6 +492,8 @@ class Watchdog:
             if hang["ranks_not_seen"]:
                 summary += f"; rank(s) {', '.join(hang['ranks_not_seen'])} not seen lately (dead?)"
             hang["summary"] = summary
+        if peers and not behind:
+            hang["ranks_behind"] = [str(k) for k in sorted(peers)]
         logger.error("self-healing: HANG: %s; stacks in %s%s", summary, path,
                      "; exiting so the launcher can relaunch (auto-resume continues from the newest verified "
                      f"checkpoint), exit code {HANG_EXIT_CODE}" if exiting else " (on_hang='warn': waiting)")
@@ -476,6 +503,11 @@ class Watchdog:
             return
         self.tripped = hang
         self._hang_spent = waited
+        self.hung_marker = {"phase": phase, "step": at, "summary": summary[:500]}
+        try:  # before the exit closes this rank's connections: the others read why their collective failed
+            self.write_heartbeat()
+        except Exception:  # noqa: BLE001
+            pass
         try:
             self.cb.finish("hung", extra={"hang": hang, "diagnosis": {"failure": "hang", "summary": summary}})
         except Exception as exc:  # noqa: BLE001 - exit regardless
@@ -489,6 +521,40 @@ class Watchdog:
         if backstop is not None:
             backstop.cancel()
         self.exit(HANG_EXIT_CODE)
+        self._reported.set()  # only reached where `exit` was replaced (tests)
+
+    def loop_failed(self, error: BaseException) -> None:
+        """The training thread, as an exception leaves the training loop, before anything judges it:
+        when this process's own hang report is being written, wait for its exit (no second verdict);
+        when another rank ended as hung (its heartbeat file says so), this exception is that hang seen
+        from here (a collective failing on the closed connection): report `hung`, naming it."""
+        if self._report_lock.locked():
+            self._reported.wait(_REPORT_TIMEOUT + 5.0)
+            return
+        t = getattr(self.cb, "trainer", None)
+        if t is None or _rank_info(t)[1] <= 1 or self.phase == _IDLE:
+            return
+        peers = self._hung_peers(wait=_PEER_WAIT_SECONDS if _looks_like_peer_loss(error) else 0.0)
+        if peers:
+            beat = self._beat
+            self._on_hang(beat, time.monotonic() - beat[1], self.bound(beat[0]), peers=peers, error=error)
+
+    def _hung_peers(self, wait: float) -> dict[int, dict[str, Any]]:
+        """Other ranks whose heartbeat file says they ended as hung; polled up to `wait` seconds
+        (a file written just before a peer's exit may reach a shared filesystem a little later)."""
+        t = self.cb.trainer
+        me = _rank_info(t)[0]
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                found = {r: hb for r, hb in read_heartbeats(t.args.output_dir).items()
+                         if r != me and isinstance(hb.get("hung"), dict)
+                         and float(hb.get("time") or 0) >= self.started_wall}  # not a previous launch's
+            except Exception:  # noqa: BLE001
+                found = {}
+            if found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.1)
 
     def _on_grace_exceeded(self, beat: tuple[str, float, int], since_signal: float) -> None:
         """The preemption grace ran out before the checkpoint and exit: say so (stacks, postmortem)
@@ -809,6 +875,19 @@ def _ranks_behind(ranks: dict[str, dict[str, Any]]) -> list[str]:
     return [r for r, k in keys.items() if k == lo] if lo != hi else []
 
 
+def _looks_like_peer_loss(error: BaseException) -> bool:
+    """Does this exception (or one in its chain) look like a collective that lost a peer?"""
+    seen = 0
+    e: BaseException | None = error
+    while e is not None and seen < 8:
+        text = f"{type(e).__name__} {e}".lower()
+        if any(k in text for k in ("distbackenderror", "distnetworkerror", "connection closed", "connection reset",
+                                   "broken pipe", "gloo", "nccl", "peer", "socket", "timed out")):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def _debugger_or_notebook(main_ident: int | None) -> str | None:
     """Why exiting on a hang would be wrong here, or None: a debugger is tracing the training
     thread (a breakpoint), or the process is an interactive kernel (Jupyter, IPython)."""
@@ -920,6 +999,7 @@ class WatchdogHooks:
                         out = orig(*args, **kwargs)
                     except BaseException as exc:
                         if on_error is not None and not isinstance(exc, PreemptedInEvaluation):
+                            wd.loop_failed(exc)  # a peer's hang, seen here as a failed collective
                             wd.beat(on_error)  # closes the step in progress first: its time is lost
                             wd.step_failed()
                         raise

@@ -218,36 +218,56 @@ class _Args:
         return self._o[name] if name in self._o else getattr(self._a, name)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
-@pytest.mark.xfail(strict=False, reason=(
-    "race seen once on a fresh clone (1 of 2 runs): when rank 1's watchdog exits first, rank 0's all-reduce "
-    "can fail on the closed gloo connection and rank 0 then writes an 'exception' postmortem, not 'hung'; "
-    "open (issue 15 notes): rank 0 should read rank 1's hung heartbeat before judging that error"))
-def test_two_ranks_one_stuck_before_the_all_reduce_both_exit_hung_naming_it(tmp_path):
+def _torchrun(out, *mode):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(Path(__file__).parent / "scripts" / "ddp_hang_run.py"), str(out)]
+           "--master_port", str(port), str(Path(__file__).parent / "scripts" / "ddp_hang_run.py"), str(out), *mode]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=170, env={**ENV, "TORCH_FR_BUFFER_SIZE": "2000"})
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_two_ranks_one_stuck_before_the_all_reduce_both_exit_hung_naming_it(tmp_path):
+    out = tmp_path / "ddp"
     start = time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env={**ENV, "TORCH_FR_BUFFER_SIZE": "2000"})
+    p = _torchrun(out)
     assert p.returncode != 0 and "DONE" not in p.stdout, p.stderr[-3000:]
     assert time.monotonic() - start < 120  # ddp_timeout is 600 s
     pm = load_postmortem(out)  # rank 0's: it was waiting in the all-reduce, in backward
     hang = pm["hang"]
-    assert pm["exit_reason"] == "hung" and hang["rank"] == 0 and hang["step"] == 8 and hang["world_size"] == 2
+    assert pm["exit_reason"] == "hung" and hang["rank"] == 0 and hang["step"] == 30 and hang["world_size"] == 2
     assert hang["ranks"]["0"]["where"] == "backward" and hang["ranks"]["1"]["where"] == "forward"
     assert hang["ranks_behind"] == ["1"] and "rank(s) 1 behind the others" in hang["summary"]
     report = format_postmortem(pm)
-    assert "  hang: train_step at step 8" in report and "rank(s) 1 behind the others" in report
+    assert "  hang: train_step at step 30" in report and "rank(s) 1 behind the others" in report
     assert "every thread's stack: " in report
-    dump = (out / "self-healing" / "hang-8-rank0.txt").read_text()
+    dump = (out / "self-healing" / "hang-30-rank0.txt").read_text()
     assert "gloo:all_reduce" in dump and "process group 0: last enqueued collective" in dump  # flight recorder
-    assert (out / "self-healing" / "hang-8-rank0.flight-recorder.json").is_file()
-    assert (out / "self-healing" / "hang-8-rank0.txt").is_file() and (out / "self-healing" / "hang-8-rank1.txt").is_file()
+    assert (out / "self-healing" / "hang-30-rank0.flight-recorder.json").is_file()
+    assert (out / "self-healing" / "hang-30-rank1.txt").is_file()
+    assert json.loads((out / "self-healing" / "heartbeat-rank1.json").read_text())["hung"]["step"] == 30
+    assert p.stderr.count("exitcode  : 75 ") == 2  # torchrun's summary: both ranks ended as hung
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_a_collective_that_fails_because_a_peer_hung_is_reported_as_that_hang(tmp_path):
+    """The race of the test above made certain: rank 1's watchdog ends it first, so rank 0's
+    all-reduce fails on the closed connection; rank 0 reads rank 1's `hung` heartbeat and reports the
+    hang (was: an 'exception' postmortem, exit code 1)."""
+    out = tmp_path / "ddp"
+    p = _torchrun(out, "race")
+    assert p.returncode != 0 and "DONE" not in p.stdout, p.stderr[-3000:]
+    pm = load_postmortem(out)
+    hang = pm["hang"]
+    assert pm["exit_reason"] == "hung", pm.get("exception")
+    assert hang["rank"] == 0 and hang["step"] == 30 and hang["hung_peers"] == [1] and hang["ranks_behind"] == ["1"]
+    assert "Connection closed" in hang["error"] or "gloo" in hang["error"]
+    assert hang["summary"].startswith("rank(s) 1 hung (train_step at step 30)")
+    assert hang["seconds_waited"] < 60  # rank 0's own bound (120 s) never came into it
+    assert p.stderr.count("exitcode  : 75 ") == 2
 
 
 def test_exit_becomes_warn_under_a_debugger_or_in_a_notebook(monkeypatch):
@@ -263,14 +283,8 @@ def test_exit_becomes_warn_under_a_debugger_or_in_a_notebook(monkeypatch):
 def test_a_rank_persistently_slower_is_named_a_straggler(tmp_path):
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(Path(__file__).parent / "scripts" / "ddp_hang_run.py"), str(out),
-           "straggler"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=ENV)
+    p = _torchrun(out, "straggler")
     assert p.returncode == 0, p.stderr[-3000:]
     pm = load_postmortem(out)
     assert pm["exit_reason"] == "completed"

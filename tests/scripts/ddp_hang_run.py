@@ -1,6 +1,8 @@
-"""Under torchrun, 2 CPU processes (gloo): rank 1's forward blocks forever at step 8, so rank 0
+"""Under torchrun, 2 CPU processes (gloo): rank 1's forward blocks forever at step 30, so rank 0
 waits in the gradient all-reduce. Both watchdogs must end their process long before ddp_timeout.
-With MODE "straggler", rank 1's forward takes 0.15 s longer on every step instead (no hang).
+With MODE "straggler", rank 1's forward takes 0.15 s longer on every step instead (no hang). With
+MODE "race", rank 0's bounds are far longer than rank 1's: rank 1's watchdog always ends it first,
+and rank 0's all-reduce fails on the closed connection (the race the default mode can hit).
 
     python -m torch.distributed.run --nproc_per_node 2 ddp_hang_run.py OUT [straggler]
 """
@@ -12,7 +14,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-HANG_AT = 8
+HANG_AT = 30
 
 
 def main(output_dir: str, mode: str = "hang") -> None:
@@ -20,18 +22,19 @@ def main(output_dir: str, mode: str = "hang") -> None:
     from self_healing.tiny import build_trainer
 
     torch.set_num_threads(1)
-    tr = build_trainer("trainer", output_dir=output_dir, max_steps=12 if mode == "hang" else 30,
+    tr = build_trainer("trainer", output_dir=output_dir, max_steps=30 if mode == "straggler" else 36,
                        per_device_train_batch_size=4, save_strategy="steps", save_steps=5, ddp_timeout=600)
 
     def stuck(module, args):
         if module.training and tr.args.process_index == 1:
             if mode == "straggler":
                 time.sleep(0.15)  # a slower GPU, a throttled host
-            elif tr.state.global_step + 1 == HANG_AT:
+            elif tr.state.global_step + 1 == HANG_AT:  # "hang" and "race"
                 time.sleep(3600)
 
     tr.model.register_forward_pre_hook(stuck)
-    cfg = HealingConfig(snapshot_every_steps=5, hang_floor_seconds=3.0, hang_startup_seconds=60.0,
+    floor = 120.0 if mode == "race" and tr.args.process_index == 0 else 3.0
+    cfg = HealingConfig(snapshot_every_steps=5, hang_floor_seconds=floor, hang_startup_seconds=60.0,
                         hang_poll_seconds=0.2)
     SelfHealingTrainer(tr, cfg).train()
     print("DONE", flush=True)
