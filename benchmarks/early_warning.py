@@ -60,7 +60,7 @@ BASIC_KINDS = {"nan_loss", "nonfinite_gradient", "loss_spike", "divergence", "gr
 SIGNAL_KIND = {"growth": "instability_forecast", "oscillation": "oscillation", "probe": "probe_regression"}
 BENCH_CONFIG = dict(calibration_window=100, snapshot_every_steps=10)
 """A 200-step run is all transient: the calibration window follows the last 100 healthy steps
-(README). A fixed snapshot interval keeps the runs deterministic ("auto" depends on timings)."""
+(docs/early-warning.md). A fixed snapshot interval keeps the runs deterministic ("auto" depends on timings)."""
 
 
 def heldout_loss(trainer, n: int = 64, seed: int = 12345) -> float:

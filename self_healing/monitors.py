@@ -8,7 +8,7 @@ postmortem, alerted, and at most a bounded LR change; never a rollback. A metric
 (another TRL version, a loss type with no known chance value) turns the matching test off rather
 than guessing.
 
-Which monitors run is decided by the trainer's type (`monitors_for`; README table):
+Which monitors run is decided by the trainer's type (`monitors_for`; docs/compatibility.md):
 
 ====================  ==============================================================
 DPO/KTO/ORPO/CPO      `PreferencePlateauMonitor` (dpo_plateau), `OverfittingMonitor`
@@ -40,8 +40,8 @@ MONITOR_TABLE: dict[str, tuple[str, ...]] = {
     "GRPOTrainer": ("reward_collapse", "kl_blowup"),
     "RLOOTrainer": ("reward_collapse", "kl_blowup"),
 }
-"""The failures monitored per trainer type, by `FailureKind` value (the README's compatibility
-table is checked against this). RL trainers get no overfitting monitor: their "loss" is a
+"""The failures monitored per trainer type, by `FailureKind` value (the trainer table in
+docs/compatibility.md is checked against this). RL trainers get no overfitting monitor: their "loss" is a
 policy-gradient surrogate, not a fit."""
 
 

@@ -22,7 +22,7 @@ Each estimator answers one question about a run that has not failed yet:
                             `add_ewc_gradient` (an EWC pull towards a recovery point)
 ==========================  =====================================================================
 
-`self_healing.early_warning` wires them into a run; the README's "Early warning" section says
+`self_healing.early_warning` wires them into a run; docs/early-warning.md says
 which are on by default, what each costs and what the benchmark measured.
 """
 

@@ -15,7 +15,7 @@ what the reference lacks:
 
 What it cannot do: bound the *first* update of an LR spike. That update's gradient is normal, so
 no gradient clipper sees anything, and under Adam the update size is ~LR per weight whatever the
-gradient's scale. LR spikes are the `lr_spike` detector's job (README, "ZClip").
+gradient's scale. LR spikes are the `lr_spike` detector's job (docs/healing.md, "ZClip").
 
 `observe()` is pure arithmetic on floats; `scale_gradients()` applies a coefficient in place.
 """
