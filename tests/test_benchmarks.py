@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 def _bench_path(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     yield
-    for name in ("overhead", "recovery", "peers", "profile_hooks", "_common"):
+    for name in ("overhead", "recovery", "peers", "profile_hooks", "step_cost", "_common"):
         sys.modules.pop(name, None)
 
 
@@ -75,3 +75,22 @@ def test_profile_hooks_prints_where_the_time_goes(capsys):
     profile_hooks.main(["--size", "tiny", "--steps", "12"])
     out = capsys.readouterr().out
     assert "callback.on_pre_optimizer_step" in out and "ring.capture" in out
+
+
+def test_step_cost_prints_microseconds_per_component(capsys):
+    import re
+
+    import step_cost
+
+    step_cost.main(["--sizes", "tiny", "--presets", "default", "aggressive", "--steps", "12", "--warmup", "2"])
+    out = capsys.readouterr().out
+    for preset in ("default", "aggressive"):
+        assert re.search(rf"per-step path, tiny {preset}: median \d+\.\d us, p90 \d+\.\d us \(target <= 200 us\)", out)
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| "))}
+    for component in ("signals: stack + the step's one host sync", "detectors: StepMonitor.check",
+                      "journal: progress line (on_step_end)", "watchdog: heartbeat (on_step_end)", "ZClip.observe"):
+        median, p90 = rows[component][:2]
+        assert float(median) >= 0 and float(p90) >= float(median)  # numbers, not n/a
+    assert any(k.startswith("ZClip clipping") for k in rows)  # the aggressive preset's clipping, against the Trainer's
+    assert any(k.startswith("integrity pass") for k in rows) and any(k.startswith("rank-agreement packing") for k in rows)

@@ -1,0 +1,376 @@
+"""The plugin's host cost per healthy optimizer step, in microseconds, component by component.
+
+    python benchmarks/step_cost.py                                  # tiny, 3M, 25M; default and aggressive
+    python benchmarks/step_cost.py --sizes tiny --presets default --steps 40
+
+A ratio of step times (overhead.py) cannot resolve a few microseconds; this script times the code
+itself. It runs a real clean training of a tiny Llama through `SelfHealingTrainer` with every
+per-step hook of the plugin's callbacks (`SelfHealingCallback`, the crash journal, the watchdog)
+and the pieces inside them wrapped in `time.perf_counter_ns` timers, and the Trainer methods the
+plugin wraps (`training_step`, `get_batch_samples`, `_get_grad_norm`, `_clip_grad_norm`) timed
+inside and outside the plugin's wrappers, so their rows are the wrappers' own cost. Every row is
+*exclusive* time (what a timed call spent outside the timed calls it made), summed per optimizer
+step; the table gives the median and p90 over steps, and the total. Periodic work (the integrity
+pass every `integrity_check_every_steps`, the snapshot copy) lands on one step in N: it has its
+own rows, per call and amortized, and is left out of the per-step total. The rank-agreement
+packing (the multi-process path of `_signals`: one all_gather of every rank's loss, norm,
+exception code, preemption signal and own step time) is timed by driving it directly, with the
+collective itself replaced by a one-row identity. Target: the per-step path under 200 us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+TARGET_US = 200.0
+DEFAULT_STEPS = {"tiny": 120, "3M": 80, "25M": 40}
+PERIODIC = ("integrity pass (check_state)", "snapshot (capture)")
+CLIP_ROWS = ("ZClip: measure the norm (wraps _clip_grad_norm)", "  ZClip: scale_gradients")
+"""ZClip's clipping replaces the Trainer's own (clip_grad_norm_): not added to the plugin's cost,
+which gets the difference from `clipping_us` instead."""
+TRAINER_WORK = "[trainer's own work]"
+"""The label of the Trainer's original methods, timed inside the plugin's wrappers: not the plugin's."""
+
+
+class Timers:
+    """Exclusive-time timers, summed per optimizer step (`flush` at each step boundary).
+
+    A timed call inside another adds its own wrapper's cost (`overhead_ns`, calibrated) to the
+    caller's row; that much is taken back from the caller, so a row is the code's own time."""
+
+    def __init__(self, overhead_ns: float = 0.0) -> None:
+        self.overhead_ns = overhead_ns
+        self.order: list[str] = []
+        self.step: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.steps: list[dict[str, float]] = []
+        self.stack: list[list[float]] = []  # per open call: [children's time, timed children]
+        self.on = False
+
+    def wrap(self, obj: Any, name: str, label: str) -> bool:
+        """Replace `obj.name` (an instance attribute, or a module function) by a timed call;
+        False when there is no such attribute (the code moved)."""
+        orig = getattr(obj, name, None) if obj is not None else None
+        if orig is None or getattr(orig, "_step_cost_label", None) == label:
+            return False
+        setattr(obj, name, self.timed(orig, label))
+        return True
+
+    def timed(self, fn: Callable, label: str) -> Callable:
+        if label not in self.order:
+            self.order.append(label)
+        stack, step, calls, clock = self.stack, self.step, self.calls, time.perf_counter_ns
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            stack.append([0, 0])
+            t0 = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = clock() - t0
+                children, n = stack.pop()
+                if stack:
+                    stack[-1][0] += dt
+                    stack[-1][1] += 1
+                if self.on:
+                    step[label] += max(dt - children - n * self.overhead_ns, 0.0)
+                    calls[label] += 1
+
+        timed._step_cost_label = label  # type: ignore[attr-defined]
+        return timed
+
+    def flush(self) -> None:
+        if self.on:
+            self.steps.append(dict(self.step))
+        self.step.clear()
+        self.on = True
+
+
+def timer_cost_ns(n: int = 20000, repeats: int = 5) -> float:
+    """What one timed call costs beyond the call itself (best of a few tries)."""
+    t = Timers()
+    t.on = True
+    plain = lambda: None  # noqa: E731
+    timed = t.timed(plain, "x")
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            plain()
+        t1 = time.perf_counter_ns()
+        for _ in range(n):
+            timed()
+        t2 = time.perf_counter_ns()
+        best = min(best, ((t2 - t1) - (t1 - t0)) / n)
+    return max(best, 0.0)
+
+
+class TimedIterator:
+    """The Trainer's epoch iterator, its `next()` timed as the Trainer's own work (the plugin's
+    `get_batch_samples` fetches the batches itself, instead of calling the Trainer's method)."""
+
+    def __init__(self, it: Any, next_timed: Callable) -> None:
+        self.it, self._next = it, next_timed
+
+    def __iter__(self) -> "TimedIterator":
+        return self
+
+    def __next__(self) -> Any:
+        return self._next(self.it)
+
+
+def _engine(cb: Any) -> Any:
+    """The decider behind the callback: `cb.engine` (self_healing.engine) where there is one."""
+    return getattr(cb, "engine", None)
+
+
+def instrument(tr: Any, sh: Any, inner: dict[str, Any], t: Timers) -> None:
+    """Time every per-step piece of the plugin on this trainer (see the module docstring). Works
+    on the callback's methods and, where the decision lives in `self_healing.engine`, the engine's."""
+    import self_healing.callback as cbm
+
+    cb, eng = sh.callback, _engine(sh.callback)
+    for name in ("training_step", "_get_grad_norm"):
+        if name in inner and getattr(tr, name) is not inner[name]:
+            t.wrap(tr, name, f"wrapper: {name}")
+    if "_clip_grad_norm" in inner and getattr(tr, "_clip_grad_norm") is not inner["_clip_grad_norm"]:
+        t.wrap(tr, "_clip_grad_norm", CLIP_ROWS[0])
+    if "get_batch_samples" in inner and getattr(tr, "get_batch_samples") is not inner["get_batch_samples"]:
+        outer = t.timed(tr.get_batch_samples, "wrapper: get_batch_samples")
+        fetch = t.timed(next, TRAINER_WORK)
+        tr.get_batch_samples = lambda it, *a, **k: outer(TimedIterator(it, fetch), *a, **k)
+    t.wrap(cb, "on_step_begin", "callback.on_step_begin")
+    t.wrap(cb, "on_pre_optimizer_step", "callback.on_pre_optimizer_step (the decision)")
+    for obj, name in ((cb, "_signals"), (eng, "step_signals")):
+        t.wrap(obj, name, "  signals: stack + the step's one host sync")
+    t.wrap(eng, "judge_step", "  engine.judge_step")
+    for mod in (cbm, sys.modules.get("self_healing.engine")):
+        t.wrap(mod, "scale_gradients", CLIP_ROWS[1])
+    for obj, name in ((cb, "_notify"), (eng, "notify")):
+        t.wrap(obj, name, "  observers (journal, watchdog)")
+    t.wrap(cb, "on_step_end", "callback.on_step_end")
+    t.wrap(eng, "end_step", "  engine.end_step")
+    t.wrap(cbm, "save_to_trainer_state", "  ZClip: save_to_trainer_state")
+    for obj, name in ((cb, "_check_state"), (eng, "check_state")):
+        t.wrap(obj, name, PERIODIC[0])
+    for obj, name in ((cb, "_capture"), (eng, "capture")):
+        t.wrap(obj, name, PERIODIC[1])
+    t.wrap(cb, "on_log", "callback.on_log")
+    if cb.journal is not None:
+        t.wrap(cb.journal, "on_step_end", "journal: progress line (on_step_end)")
+        t.wrap(cb.journal, "on_log", "journal: metrics line (on_log)")
+    if cb.watchdog is not None:
+        t.wrap(cb.watchdog, "on_step_end", "watchdog: heartbeat (on_step_end)")
+    if cb.tracker is not None:
+        for hook in ("on_step_end", "on_log"):
+            t.wrap(cb.tracker, hook, f"trackio: {hook}")
+
+
+def instrument_run(cb: Any, t: Timers) -> None:
+    """The objects a fresh `train()` call makes anew (detectors, record, ZClip): timed once it has."""
+    t.wrap(cb.monitor, "check", "  detectors: StepMonitor.check")
+    t.wrap(cb.monitor, "accept", "  detectors: StepMonitor.accept")
+    t.wrap(cb.recorder, "observe", "  postmortem history: recorder.observe")
+    if cb.zclip is not None:
+        t.wrap(cb.zclip, "observe", "  ZClip.observe")
+
+
+def clipping_us(tr: Any, n: int = 30) -> tuple[float, float] | None:
+    """Median us of the Trainer's own `_clip_grad_norm` (clip_grad_norm_) and of what ZClip does
+    in its place (measure the norm, then scale), on the same gradients, in turns."""
+    import torch
+
+    import self_healing.callback as cbm
+    from self_healing.zclip import scale_gradients
+
+    measure = getattr(cbm, "_measure_grad_norm", None)
+    model = tr.model
+    if measure is None or not getattr(tr.args, "max_grad_norm", 0):
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    saved = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, saved):
+        p.grad = g.clone()
+    grads = [p.grad for p in params]
+    bare, zclip = [], []
+    orig = type(tr)._clip_grad_norm
+    try:
+        for _ in range(n):
+            torch._foreach_copy_(grads, saved)
+            t0 = time.perf_counter_ns()
+            orig(tr, model)
+            bare.append(time.perf_counter_ns() - t0)
+            torch._foreach_copy_(grads, saved)
+            t0 = time.perf_counter_ns()
+            norm = float(measure(tr.accelerator, model))
+            scale_gradients(params, min(tr.args.max_grad_norm / (norm + 1e-6), 1.0))
+            zclip.append(time.perf_counter_ns() - t0)
+    finally:
+        for p in params:
+            p.grad = None
+    return statistics.median(bare) / 1000, statistics.median(zclip) / 1000
+
+
+def packing_us(cb: Any, n: int = 3000) -> float | None:
+    """Median us of the rank-agreement packing and unpacking (the multi-process path of the step's
+    signals) with the all_gather replaced by a one-row identity: what that path adds on the host."""
+    import torch
+
+    eng = _engine(cb)
+    mod = sys.modules["self_healing.engine" if eng is not None and hasattr(eng, "_gathered") else "self_healing.callback"]
+    if eng is not None and hasattr(eng, "_gathered"):
+        own = cb.watchdog.watchdog.take_own_seconds() if cb.watchdog is not None else 0.0
+        call = lambda l, g: eng._gathered(l, g, None, [0.0, own])  # noqa: E731 - preemption signal, own time
+    elif hasattr(cb, "_gathered_signals"):
+        call = cb._gathered_signals
+    else:
+        return None
+    saved = mod.gather_rows
+    mod.gather_rows = lambda v: v.reshape(1, -1)
+    loss, gn = torch.tensor(2.5), torch.tensor(0.7)
+    out = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            call(loss, gn)
+            out.append(time.perf_counter_ns() - t0)
+    finally:
+        mod.gather_rows = saved
+        cb._rank_rows = None
+    return statistics.median(out) / 1000
+
+
+def q(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(int(p * len(s)), len(s) - 1)] if s else float("nan")
+
+
+PATCHED = (("self_healing.callback", "scale_gradients"), ("self_healing.engine", "scale_gradients"),
+           ("self_healing.callback", "save_to_trainer_state"))
+"""Module functions the timers replace during a run (and put back after it)."""
+
+
+def measure(size: str, preset: str, steps: int, warmup: int, overhead_ns: float) -> dict[str, Any]:
+    from transformers import TrainerCallback
+
+    from self_healing import HealingConfig, SelfHealingTrainer
+
+    t = Timers(overhead_ns)
+    sh: Any = None
+
+    class StepBoundary(TrainerCallback):
+        """First in the callback list: a step's window opens before the plugin's on_step_begin."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            instrument_run(sh.callback, t)  # after start_run, before the plugin's own on_train_begin
+            return control
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            t.flush()
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            t.flush()
+            t.on = False
+            return control
+
+    saved = [(m, n, getattr(sys.modules[m], n)) for m, n in PATCHED if hasattr(sys.modules.get(m), n)]
+    with tempfile.TemporaryDirectory(prefix="sh-step-cost-") as tmp:
+        tr = C.build(size, tmp, max_steps=steps)
+        tr.add_callback(StepBoundary())
+        inner = {}
+        for name in ("get_batch_samples", "training_step", "_get_grad_norm", "_clip_grad_norm",
+                     "_get_num_items_in_batch"):
+            if hasattr(tr, name):  # the Trainer's own method, timed where the plugin's wrapper calls it
+                inner[name] = t.timed(getattr(tr, name), TRAINER_WORK)
+                setattr(tr, name, inner[name])
+        sh = SelfHealingTrainer(tr, getattr(HealingConfig, preset)())
+        try:
+            instrument(tr, sh, inner, t)
+            sh.train()
+        finally:
+            for m, n, f in saved:
+                setattr(sys.modules[m], n, f)
+        cb = sh.callback
+        pack = packing_us(cb)
+        clip = clipping_us(tr) if cb.zclip is not None else None
+        n = C.n_params(tr.model)
+        interval, check_every = cb.snapshot_interval, cb.config.integrity_check_every_steps
+        events = len(cb.recorder.events)
+    per_step = t.steps[warmup:-1]  # the last window holds the train-end work
+    labels = [lab for lab in t.order if lab != TRAINER_WORK and any(lab in s for s in t.steps)]
+    rows = {}
+    for lab in labels:
+        vals = [s.get(lab, 0) / 1000 for s in per_step]
+        rows[lab] = (statistics.median(vals), q(vals, 0.9), sum(vals) / len(vals) if vals else 0.0, t.calls[lab])
+    skip = (TRAINER_WORK,) + PERIODIC + CLIP_ROWS
+    totals = [sum(v for k, v in s.items() if k not in skip) / 1000 for s in per_step]
+    if clip is not None:  # ZClip's clipping in place of the Trainer's: only the difference is the plugin's
+        totals = [x + clip[1] - clip[0] for x in totals]
+    periodic = {lab: [s[lab] / 1000 for s in t.steps if lab in s] for lab in PERIODIC}
+    return dict(size=size, preset=preset, params=n, rows=rows, totals=totals, periodic=periodic, pack=pack,
+                clip=clip, steps=len(per_step), all_steps=len(t.steps), interval=interval, check_every=check_every,
+                events=events)
+
+
+def report(r: dict[str, Any]) -> bool:
+    """Print one run's table; True when the per-step path is within the target."""
+    print(f"\n## {r['size']} ({C.fmt_params(r['params'])} parameters), {r['preset']} preset: {r['steps']} steps timed, "
+          f"integrity pass every {r['check_every']}, snapshot every {r['interval']}")
+    rows = [[lab + (" (replaces the Trainer's clipping)" if lab in CLIP_ROWS else ""), f"{med:.1f}", f"{p90:.1f}",
+             f"{mean:.1f}", calls] for lab, (med, p90, mean, calls) in r["rows"].items() if lab not in PERIODIC]
+    if r["clip"] is not None:
+        bare, z = r["clip"]
+        rows.append([f"ZClip clipping {z:.0f} us - the Trainer's clip_grad_norm_ {bare:.0f} us (direct, same grads)",
+                     f"{z - bare:+.1f}", "-", "-", "direct"])
+    med_t, p90_t = statistics.median(r["totals"]), q(r["totals"], 0.9)
+    rows.append(["**per-step path in all** (indented rows are inside the row above)", f"**{med_t:.1f}**",
+                 f"**{p90_t:.1f}**", f"{sum(r['totals']) / len(r['totals']):.1f}", ""])
+    for lab, vals in r["periodic"].items():
+        if vals:
+            rows.append([f"{lab}: median {statistics.median(vals):.0f} us per call", "-", "-",
+                         f"{sum(vals) / r['all_steps']:.1f} (amortized)", len(vals)])
+    if r["pack"] is not None:
+        rows.append(["rank-agreement packing (multi-process signals, collective excluded)", f"{r['pack']:.1f}",
+                     "-", "-", "direct"])
+    print(C.table(["component", "median us/step", "p90 us/step", "mean us/step", "calls"], rows))
+    good = med_t <= TARGET_US
+    print(f"per-step path, {r['size']} {r['preset']}: median {med_t:.1f} us, p90 {p90_t:.1f} us "
+          f"(target <= {TARGET_US:.0f} us): {'ok' if good else 'ABOVE TARGET'}")
+    if r["events"]:
+        print(f"note: {r['events']} event(s) recorded on a clean run")
+    return good
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["tiny", "3M", "25M"], choices=list(C.SIZES))
+    p.add_argument("--presets", nargs="+", default=["default", "aggressive"])
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default: 120 tiny, 80 3M, 40 25M)")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the statistics")
+    a = p.parse_args(argv)
+    C.quiet()
+    C.single_thread()
+    overhead = timer_cost_ns()
+    print(f"# step_cost: {C.device_name()}, {C.load_average()}; a timer costs ~{overhead:.0f} ns "
+          "(taken back from its caller's row)", flush=True)
+    ok = True
+    for size in a.sizes:
+        for preset in a.presets:
+            ok &= report(measure(size, preset, a.steps or DEFAULT_STEPS[size], a.warmup, overhead))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
