@@ -44,8 +44,8 @@ class Periodic:
     def __init__(self, cb) -> None:
         self.seconds = 0.0
         self.alloc_seconds = 0.0
-        for name in ("_check_state", "_capture"):
-            setattr(cb, name, self._timed(cb, getattr(cb, name)))
+        for name in ("check_state", "capture"):  # the engine's: every caller (callback, early warning) goes there
+            setattr(cb.engine, name, self._timed(cb, getattr(cb.engine, name)))
 
     def _timed(self, cb, orig):
         def timed(*args, **kwargs):

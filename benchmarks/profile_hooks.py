@@ -76,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         timed(cb, "on_pre_optimizer_step", "callback.on_pre_optimizer_step")
         timed(cb, "_signals", "  _signals (the step's one host sync)")
         timed(cb, "on_step_end", "callback.on_step_end")
-        timed(cb, "_check_state", "  _check_state (integrity pass)")
-        timed(cb, "_capture", "  _capture (snapshot)")
+        timed(cb.engine, "check_state", "  check_state (integrity pass)")
+        timed(cb.engine, "capture", "  capture (snapshot)")
         timed(cb.ring, "capture", "    ring.capture (copy)")
         order.append("      of which: new buffers (once per ring slot)")
-        timed(cb, "_notify", "  observers (_notify, inside the hooks above)")
+        timed(cb.engine, "notify", "  observers (notify, inside the hooks above)")
         timed(cb, "on_log", "callback.on_log")
         orig_capture = cb.ring.capture
 

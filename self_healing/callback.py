@@ -20,32 +20,23 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import random
 import signal
-import statistics
-import time
-from collections import deque
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from .config import HealingConfig
-from .detectors import Detection, StateReport, StepMonitor, StepSignals, compare_state
-from .diagnosis import (Action, Diagnosis, FailureKind, diagnose, diagnose_exception, diagnose_state,
-                        exception_origin, tag_origin)
-from .distributed import (EXCEPTION_CODES, CODE_KINDS, RankFailure, agree_max, combine_losses, gather_rows,
-                          is_distributed, is_dtensor, per_rank_view, recover_fsdp_iteration)
-from .healing import (HealingPolicy, restore_scheduled_lr, scale_lr, scheduled_lrs, skip_update,
-                      tighten_clipping)
-from .postmortem import PostmortemRecorder
-from .snapshot import SnapshotError, SnapshotRing, interval_on_ladder, state_report, unwrap_optimizer
+from .detectors import Detection, StateReport, StepMonitor, StepSignals
+from .engine import Decision, Healer
+from .diagnosis import Action, Diagnosis, FailureKind, diagnose_exception, exception_origin, tag_origin
+from .distributed import EXCEPTION_CODES, is_distributed, is_dtensor, recover_fsdp_iteration
+from .healing import scale_lr
 from .monitors import monitors_for
 from .tracking import make_tracker
 from .journal import make_journal_callback
 from .watchdog import make_watchdog
-from .zclip import ZClip, load_from_trainer_state, save_to_trainer_state, scale_gradients
+from .zclip import ZClip, load_from_trainer_state, save_to_trainer_state
 
 logger = logging.getLogger("self_healing")
 
@@ -196,6 +187,11 @@ def _measure_grad_norm(accelerator, model) -> torch.Tensor | None:
             return torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
     return accelerator.clip_grad_norm_(model.parameters(), float("inf"))
 
+def _engine_attr(name: str) -> property:
+    """A callback attribute that is the engine's own (reads and assignments go to the engine)."""
+    return property(lambda self: getattr(self.engine, name), lambda self, v: setattr(self.engine, name, v))
+
+
 def _calling_trainer(callback: Any) -> Any:
     """The Trainer whose callback list holds `callback`, found on the call stack (during its
     `__init__` or `train`). None when there is none."""
@@ -217,26 +213,15 @@ class SelfHealingCallback(TrainerCallback):
 
     def __init__(self, config: HealingConfig | None = None) -> None:
         self.config = config or HealingConfig()
-        self.recorder = PostmortemRecorder(self.config)
-        self.policy = HealingPolicy(self.config)
-        self.ring = SnapshotRing(self.config.snapshot_keep, self.config.snapshot_verify_steps)
-        self.monitor: StepMonitor | None = None
         self.trainer: Any = None
+        self.engine = Healer(config=self.config, objects=self._objects, device=self._device)
+        """The decider: detectors, policy, snapshots, record and observers live there; this
+        callback translates the Trainer's events into its calls."""
         self.orchestrated = False
-        self.gave_up = False
-        self.give_up_reason: str | None = None
-        self.snapshot_interval: int = self.config.snapshot_every_steps if isinstance(
-            self.config.snapshot_every_steps, int) else 10
-        self._ref_report: StateReport | None = None
         self._step_loss: torch.Tensor | None = None
         self._grad_norm: Any = None
         self._step_exception: BaseException | None = None
-        self._step_exception_kind = 0
-        self._rank_rows: list[list[float]] | None = None
         self._agreed_preempt = 0
-        self._step_flagged = False
-        self._last_step_end: float | None = None
-        self._step_times: deque[float] = deque(maxlen=50)
         self._log_window = [0, 0, 0.0]
         """This logging window's (steps, finite steps, sum of finite losses), as judged."""
         self._orig_base_lrs: list[float] | None = None
@@ -253,7 +238,6 @@ class SelfHealingCallback(TrainerCallback):
         self._last_window_skipped = False
         self.streamed_data = False
         """The training data is an iterable dataset (a stream): its bad batches cannot be skipped."""
-        self.zclip = None
         self.passthrough = False
         """While True (during `dry_run`), the wrappers only call through: failures must surface."""
         self.phase = "train"
@@ -261,9 +245,6 @@ class SelfHealingCallback(TrainerCallback):
         training batch)."""
         self.preempt_signal: int | None = None
         self.preempted_at: int | None = None
-        self.observers: list[Any] = []
-        """Objects told about every step and decision (trackio, the crash journal...): optional
-        methods `on_step(step, signals, info)`, `on_event(event)`, `on_finish(postmortem)`."""
         self.monitors: list[Any] = []
         """Trainer-aware monitors: optional methods `on_log(step, logs)` and
         `on_evaluate(step, metrics)` returning a list of `Diagnosis` to act on."""
@@ -300,7 +281,11 @@ class SelfHealingCallback(TrainerCallback):
         if getattr(trainer.args, "process_index", 0) != 0:
             logger.setLevel(logging.ERROR)  # one voice: the main process logs, the others only errors
         self._kind = kind = trainer_kind(trainer)
-        self.monitor = StepMonitor(self.config, loss_signals=kind not in _POLICY_LOSS_TRAINERS)
+        self.engine.loss_signals = kind not in _POLICY_LOSS_TRAINERS
+        self.engine.clip_args = trainer.args
+        self.engine.output_dir = trainer.args.output_dir
+        self.engine.extra_state = self._trainer_state
+        self.monitor = StepMonitor(self.config, loss_signals=self.engine.loss_signals)
         self._wrap("training_step", self._make_training_step)
         if hasattr(trainer, "_get_grad_norm"):
             self._wrap("_get_grad_norm", self._make_get_grad_norm)
@@ -349,23 +334,15 @@ class SelfHealingCallback(TrainerCallback):
         """A fresh `train()` call (a resume included: what belongs to a checkpoint comes back
         from it) starts from a clean slate: snapshots, escalation, detector windows, ZClip
         statistics, monitors and the postmortem of an earlier `train()` describe another run."""
-        self.recorder = PostmortemRecorder(self.config)
-        self.policy = HealingPolicy(self.config)
-        self.ring.clear()
-        self.monitor = StepMonitor(self.config, loss_signals=self._kind not in _POLICY_LOSS_TRAINERS)
+        self.engine.reset()
         if self.zclip is not None:
             self.zclip = self._new_zclip()
         self.monitors = monitors_for(self._kind, self.config, self.trainer.args)
-        self.gave_up, self.give_up_reason, self.postmortem = False, None, None
+        self.postmortem = None
         self.preempt_signal = self.preempted_at = None
         self._agreed_preempt = 0
-        self._ref_report = None
         self._orig_base_lrs = None
-        self._step_times.clear()
-        self._last_step_end = None
         self._log_window = [0, 0, 0.0]
-        self.snapshot_interval = self.config.snapshot_every_steps if isinstance(
-            self.config.snapshot_every_steps, int) else 10
         if getattr(self, "early_warning", None) is not None:
             from .early_warning import attach_early_warning
 
@@ -540,31 +517,10 @@ class SelfHealingCallback(TrainerCallback):
         return train
 
     def _backoff(self, attempt: int, d: Diagnosis, record: bool = False) -> float:
-        """Exponential backoff from `api_backoff_seconds`, doubling, capped, with full jitter.
-        `record`: this retry is an event of its own in the postmortem (a retry inside the step;
-        the orchestrator records its resumes itself), so flaky storage shows when it struck."""
-        base = self.config.api_backoff_seconds * (2 ** (attempt - 1))
-        delay = min(base, self.config.api_backoff_max_seconds) * (0.5 + random.random() / 2)
-        logger.warning("self-healing: %s; retry %s/%s in %.2fs", d.summary, attempt, self.config.max_api_retries, delay)
-        self.recorder.counters["api_retries"] = self.recorder.counters.get("api_retries", 0) + 1
-        if record:
-            event = self.recorder.record(d.step if d.step is not None else self.trainer.state.global_step + 1, d,
-                                         [Action.BACKOFF_RETRY.value],
-                                         {"retry": attempt, "of": self.config.max_api_retries,
-                                          "backoff_seconds": round(delay, 3), "phase": self.phase})
-            self._notify("on_event", event)
-        time.sleep(delay)
-        return delay
+        return self.engine.backoff(attempt, d, self.trainer.state.global_step + 1, record=record, phase=self.phase)
 
     def _note_skipped_batch(self, exc: BaseException, where: str, inputs: Any) -> None:
-        entry: dict[str, Any] = {"step": self.trainer.state.global_step + 1, "where": where,
-                                 "exception_type": type(exc).__name__, "error": str(exc)[:300]}
-        indices = _batch_indices(inputs)
-        if indices is not None:
-            entry["indices"] = indices
-        self.recorder.skipped_batches.append(entry)
-        if len(self.recorder.skipped_batches) > 1000:  # bounded: keep the first and the latest
-            del self.recorder.skipped_batches[500]
+        self.engine.note_skipped_batch(exc, where, _batch_indices(inputs), self.trainer.state.global_step + 1)
 
     def _join_gradient_sync(self, orig: Any, model: Any, inputs: Any, num_items: Any, exc: BaseException) -> None:
         """This rank's step failed; the other ranks are (or will be) inside the same step's
@@ -642,6 +598,29 @@ class SelfHealingCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------
     # objects the actions work on
     # ------------------------------------------------------------------------------------------
+    def _objects(self) -> tuple[Any, Any, Any]:
+        t = self.trainer
+        return t.model, t.optimizer, t.lr_scheduler
+
+    def _device(self) -> Any:
+        return self.trainer.args.device
+
+    # the engine's state, under the names the rest of the plugin (and its users' code) reads
+    recorder = _engine_attr("recorder")
+    policy = _engine_attr("policy")
+    ring = _engine_attr("ring")
+    monitor = _engine_attr("monitor")
+    zclip = _engine_attr("zclip")
+    observers = _engine_attr("observers")
+    gave_up = _engine_attr("gave_up")
+    give_up_reason = _engine_attr("give_up_reason")
+    snapshot_interval = _engine_attr("snapshot_interval")
+    _ref_report = _engine_attr("ref_report")
+    _step_times = _engine_attr("step_times")
+    _step_flagged = _engine_attr("step_flagged")
+    _rank_rows = _engine_attr("rank_rows")
+    _step_exception_kind = _engine_attr("step_exception_kind")
+
     @property
     def model(self):
         return self.trainer.model
@@ -681,15 +660,7 @@ class SelfHealingCallback(TrainerCallback):
                         args.max_grad_norm, self.zclip.warmup_steps)
         if self.zclip is not None and state.global_step > 0 and load_from_trainer_state(self.zclip, state):
             logger.info("self-healing: ZClip statistics restored from the checkpoint (step %s)", state.global_step)
-        report = state_report(self.model, self.optimizer, state.global_step)
-        # every rank must agree (under FSDP each sees only its shard): a capture may hold a collective
-        if agree_max(0.0 if report.weights_finite and report.optimizer_finite else 1.0) == 0.0:
-            self._ref_report = report
-            if self.ring.latest_verified() is None:
-                snap = self._capture(state.global_step, report)
-                snap.healthy_steps_after = self.ring.verify_steps  # the state training starts from is the baseline
-        else:
-            logger.error("self-healing: the state training starts from is not finite (%s)", report)
+        self.engine.start(state.global_step)
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -709,27 +680,7 @@ class SelfHealingCallback(TrainerCallback):
             finite = math.isfinite(signals.loss) and not failed
             self._log_window = [self._log_window[0] + 1, self._log_window[1] + finite,
                                 self._log_window[2] + (signals.loss if finite else 0.0)]
-        self.recorder.observe(step, None if failed else signals.loss, None if failed else signals.grad_norm,
-                              signals.lrs[0] if signals.lrs else None)
-        info: dict[str, Any] = {"skipped": False}
-        detections = self.monitor.check(signals)
-        if not detections:
-            trend = self.monitor.accept(signals)
-            if trend is None:
-                if self.zclip is not None and signals.grad_norm is not None:
-                    decision = self.zclip.observe(signals.grad_norm)
-                    scale_gradients(self.model.parameters(), decision.coefficient)
-                    info["zclip"] = decision
-                self._notify("on_step", step, signals, info)
-                return control
-            detections = [trend]
-        self._step_flagged = True
-        if isinstance(signals.exception, RankFailure) and signals.exception.failure == FailureKind.OOM:
-            skip_update(self.model)  # every rank leaves the loop together; the orchestrator shrinks the batch
-            raise signals.exception
-        self._handle(detections, step, control, before_update=True, exception=signals.exception)
-        info["skipped"] = True
-        self._notify("on_step", step, signals, info)
+        self._apply(self.engine.judge_step(signals), control)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -737,28 +688,12 @@ class SelfHealingCallback(TrainerCallback):
             return control
         if self.zclip is not None:  # saved into trainer_state.json by the next checkpoint
             save_to_trainer_state(self.zclip, state)
-        now = time.perf_counter()
-        if self._last_step_end is not None:
-            self._step_times.append(now - self._last_step_end)
-        self._last_step_end = now
+        self.engine.observe_step_time()
         if self.gave_up:
             return control
-        step = state.global_step
         if self._agreed_preempt and self.preempted_at is None:
-            self._preempt(step, control)
-        if not self._step_flagged:
-            self.ring.mark_healthy_step()
-            self.policy.healthy_step()
-        check_due = step % self.config.integrity_check_every_steps == 0
-        snap_due = step % self.snapshot_interval == 0
-        if check_due or snap_due:
-            report, bad = self._check_state(step)
-            if bad is not None:
-                self._handle([bad], step, control, before_update=False)
-            else:
-                self._ref_report = report
-                if snap_due and not self._step_flagged:
-                    self._capture(step, report)
+            self._preempt(state.global_step, control)
+        self._apply(self.engine.end_step(state.global_step), control)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -793,144 +728,46 @@ class SelfHealingCallback(TrainerCallback):
         self._step_loss = None
         self._grad_norm = None
         self._step_exception = None
-        self._step_exception_kind = 0
-        self._step_flagged = False
+        self.engine.begin_step()
 
     def _signals(self, step: int) -> StepSignals:
-        loss_t, gn = self._step_loss, self._grad_norm
-        exception = self._step_exception
-        if is_distributed():
-            loss, grad_norm, exception = self._gathered_signals(loss_t, gn)
-        else:
-            parts: list[torch.Tensor] = []
-            if isinstance(loss_t, torch.Tensor):
-                parts.append(loss_t.float().reshape(()))
-            if isinstance(gn, torch.Tensor):
-                parts.append(gn.detach().float().reshape(()).to(parts[0].device if parts else gn.device))
-            values = torch.stack(parts).tolist() if parts else []  # the one host sync of the step
-            loss = values.pop(0) if isinstance(loss_t, torch.Tensor) else float("nan") if exception is None else 0.0
-            if isinstance(gn, torch.Tensor):
-                grad_norm = values.pop(0)
-            elif isinstance(gn, (int, float)):
-                grad_norm = float(gn)
-            else:
-                grad_norm = None
+        """The step's facts, through the engine's one host sync (one gather when distributed,
+        which also carries this rank's preemption flag and its own step time for stragglers)."""
+        if not is_distributed():
             self._agreed_preempt = self.preempt_signal or 0
-        opt = unwrap_optimizer(self.optimizer)
-        return StepSignals(step=step, loss=loss, grad_norm=grad_norm, lrs=[g["lr"] for g in opt.param_groups],
-                           scheduled_lrs=scheduled_lrs(self.optimizer, self.scheduler), exception=exception)
-
-    def _gathered_signals(self, loss_t: Any, gn: Any) -> tuple[float, float | None, BaseException | None]:
-        """Every rank's (loss, grad norm, exception code, preemption signal) in one all_gather,
-        which is also the step's one host sync; every rank then decides from the same rows."""
-        dev = loss_t.device if isinstance(loss_t, torch.Tensor) else torch.device(self.trainer.args.device)
-        nan = torch.tensor(float("nan"), device=dev)
-        loss_v = loss_t.float().reshape(()) if isinstance(loss_t, torch.Tensor) else (
-            torch.zeros((), device=dev) if self._step_exception is not None else nan)
-        if isinstance(gn, torch.Tensor):
-            gn_v = gn.detach().float().reshape(()).to(dev)
-        else:
-            gn_v = torch.tensor(float(gn) if isinstance(gn, (int, float)) else float("nan"), device=dev)
+            return self.engine.step_signals(step, self._step_loss, self._grad_norm, self._step_exception)
         own = self.watchdog.watchdog.take_own_seconds() if self.watchdog is not None else 0.0  # stragglers
-        meta = torch.tensor([float(self._step_exception_kind), float(self.preempt_signal or 0), own], device=dev)
-        rows = gather_rows(torch.cat([loss_v.reshape(1), gn_v.reshape(1), meta])).tolist()
-        self._rank_rows = rows
+        signals = self.engine.step_signals(step, self._step_loss, self._grad_norm, self._step_exception,
+                                           extra=[float(self.preempt_signal or 0), own])
+        rows = self._rank_rows
         if self.watchdog is not None:  # each rank's own step time: a persistent straggler is named
             self.watchdog.watchdog.observe_rank_times([r[4] for r in rows], self.trainer.state.global_step + 1)
         self._agreed_preempt = max(int(r[3]) for r in rows)
         if self._agreed_preempt and self.preempt_signal is None:
             self.preempt_signal = self._agreed_preempt
-        norms = [r[1] for r in rows if not math.isnan(r[1])]
-        grad_norm = max(norms) if norms else (None if gn is None else float("nan"))
-        codes = [int(r[2]) for r in rows]
-        exception = None
-        if any(codes):
-            worst = max(codes)
-            ranks = [i for i, c in enumerate(codes) if c == worst]
-            local = self._step_exception if self._step_exception_kind == worst else None
-            exception = RankFailure(CODE_KINDS[worst], ranks, str(local)[:200] if local else "")
-            if local is not None:
-                exception.__cause__ = local
-        return combine_losses(rows), grad_norm, exception
+        return signals
 
     def _inspect(self, step: int) -> Detection | None:
-        return self._check_state(step)[1]
+        return self.engine.inspect(step)
 
     def _check_state(self, step: int, agreed: bool = True) -> tuple[StateReport, Detection | None]:
-        """This rank's state report, and the first rank's verdict that is bad (one gather when
-        distributed, so a corruption on any rank is seen by all). Each rank's numbers travel with
-        its own reference: under FSDP a rank's norms are of its shard, comparable only with the
-        reference of that same shard; every rank then judges the same rows the same way.
-        `agreed=False` (the other ranks are not known to be here too): this rank's verdict alone."""
-        report = state_report(self.model, self.optimizer, step)
-        ref = self._ref_report
-        if not agreed or not is_distributed():
-            return report, compare_state(report, ref, self.config.weight_growth_factor)
-        keys = sorted(report.optimizer_norms)
-        n, nan = 1 + len(keys), float("nan")
-        ref_vals = [ref.weight_norm] + [ref.optimizer_norms.get(k, nan) for k in keys] if ref else [nan] * n
-        vec = torch.tensor([report.weight_norm] + [report.optimizer_norms[k] for k in keys] + ref_vals
-                           + [float(ref.step) if ref else -1.0], dtype=torch.float32, device=self.trainer.args.device)
-        for r, row in enumerate(gather_rows(vec).tolist()):
-            rep = StateReport(row[0], dict(zip(keys, row[1:n])), report.beta2, step)
-            ref_r = None if row[-1] < 0 else StateReport(
-                row[n], {k: v for k, v in zip(keys, row[n + 1:2 * n]) if not math.isnan(v)}, report.beta2, int(row[-1]))
-            bad = compare_state(rep, ref_r, self.config.weight_growth_factor)
-            if bad is not None:
-                bad.evidence["rank"] = r
-                return report, bad
-        return report, None
+        return self.engine.check_state(step, agreed)
+
+    def _apply(self, decision: Decision | None, control) -> None:
+        """What only the Trainer can do about an engine decision: stop its loop, and drop the
+        NaN a skipped step left in its running loss."""
+        if decision is None:
+            return
+        if decision.stop:
+            control.should_training_stop = True
+        if decision.skipped:
+            self._repair_logged_loss()
 
     def _handle(self, detections: list[Detection], step: int, control, before_update: bool,
-                exception: BaseException | None = None) -> None:
-        det = detections[0]
-        if det.signal in ("weight_corruption", "optimizer_state_corruption"):
-            diag = diagnose_state(det)
-        else:
-            state = self._inspect(step) if det.signal in ("nonfinite_loss", "nonfinite_gradient", "loss_spike", "exception") else None
-            if det.signal == "exception" and exception is not None:
-                diag = diagnose_exception(exception, step=step, state=state)
-            else:
-                diag = diagnose(det, state)
-        if len(detections) > 1:
-            diag.evidence["also_fired"] = [d.signal for d in detections[1:]]
-        if self._rank_rows is not None and is_distributed():
-            diag.evidence["per_rank"] = per_rank_view(self._rank_rows)
-            if isinstance(exception, RankFailure) and exception.failure == FailureKind.DATA_ERROR \
-                    and self._step_exception_kind == 0:  # the bad batch was another rank's: record it here too
-                self._note_skipped_batch(exception, f"forward on rank(s) {exception.ranks}", None)
-        if diag.failure in (FailureKind.NAN_LOSS, FailureKind.NONFINITE_GRADIENT):
-            self.recorder.counters["nan_count"] += 1
-        plan = self.policy.plan(diag, step, can_rollback=self.ring.latest_verified() is not None)
-        if plan.reason and plan.actions != diag.actions:  # escalated: the summary must say what was done
-            head = diag.summary.rsplit(": ", 1)[0]
-            diag.summary = f"{head}: {plan.reason} -> {', '.join(a.value for a in plan.actions)}"
-        details: dict[str, Any] = {}
-        if before_update:
-            skip_update(self.model)  # whatever the plan, this step's gradients are not trusted
-            self._repair_logged_loss()
-        for action in plan.actions:
-            if action == Action.SKIP_STEP:
-                self.recorder.counters["skipped_steps"] += 1
-            elif action == Action.ROLLBACK:
-                details.update(self._rollback(step))
-            elif action == Action.REDUCE_LR:
-                details["lr"] = scale_lr(self.optimizer, self.scheduler, plan.lr_factor or self.config.lr_reduction_factor)
-                self.recorder.counters["lr_reductions"] += 1
-                self.monitor.reset_trend()
-            elif action == Action.RESTORE_LR:
-                details["lr"] = restore_scheduled_lr(self.optimizer, self.scheduler)
-            elif action == Action.TIGHTEN_CLIPPING:
-                details["clipping"] = self._tighten_clipping()
-            elif action == Action.GIVE_UP:
-                details.update(self._give_up(diag, plan.reason, control))
-        if not before_update and Action.SKIP_STEP in plan.actions:
-            details["note"] = "the update had already landed; skipping could not undo it"
-        event = self.recorder.record(step, diag, [a.value for a in plan.actions], details, plan.reason)
-        self._notify("on_event", event)
-        level = logging.ERROR if Action.GIVE_UP in plan.actions else logging.WARNING
-        logger.log(level, "self-healing: step %s: %s -> %s%s", step, diag.summary,
-                   ", ".join(a.value for a in plan.actions), f" ({plan.reason})" if plan.reason else "")
+                exception: BaseException | None = None) -> Decision:
+        decision = self.engine.handle(detections, step, before_update, exception)
+        self._apply(decision, control)
+        return decision
 
     def _preempt(self, step: int, control) -> None:
         """The step is done: ask the Trainer to checkpoint now and stop (it saves whatever its
@@ -941,85 +778,19 @@ class SelfHealingCallback(TrainerCallback):
         name = signal.Signals(self._agreed_preempt or self.preempt_signal).name
         diag = Diagnosis(FailureKind.INTERRUPTED, f"{name} received: finished step {step}, checkpointing and exiting "
                          "(run the same command again to resume)", {"signal": name}, [Action.CHECKPOINT], step)
-        event = self.recorder.record(step, diag, [Action.CHECKPOINT.value], {})
-        self._notify("on_event", event)
-        logger.warning("self-healing: %s", diag.summary)
+        self.engine.emit(step, diag, [Action.CHECKPOINT.value], message=f"self-healing: {diag.summary}")
 
-    def _apply_advisory(self, diag: Diagnosis, step: int, control) -> None:
-        """A monitor's finding (DPO plateau, reward collapse, overfitting): recorded and alerted;
-        the only state it may change is a bounded LR raise or cut it asks for."""
-        details: dict[str, Any] = {}
-        if Action.RAISE_LR in diag.actions:
-            factor = float(diag.evidence.get("lr_factor", 2.0))
-            details["lr"] = scale_lr(self.optimizer, self.scheduler, factor)
-            self.policy.lr_scale *= factor
-        if Action.REDUCE_LR in diag.actions:
-            details["lr"] = scale_lr(self.optimizer, self.scheduler, self.config.lr_reduction_factor)
-            self.policy.lr_scale *= self.config.lr_reduction_factor
-        event = self.recorder.record(step, diag, [a.value for a in diag.actions], details)
-        self._notify("on_event", event)
-        logger.warning("self-healing: step %s: %s -> %s", step, diag.summary, ", ".join(a.value for a in diag.actions))
+    def _apply_advisory(self, diag: Diagnosis, step: int, control) -> Decision:
+        return self.engine.apply_advisory(diag, step)
 
     def _notify(self, method: str, *args: Any) -> None:
-        for o in self.observers:
-            fn = getattr(o, method, None)
-            if fn is not None:
-                try:
-                    fn(*args)
-                except Exception as exc:  # noqa: BLE001 - an observer must never kill the run
-                    logger.warning("self-healing: observer %s.%s failed: %s", type(o).__name__, method, exc)
-
-    def _rollback(self, step: int) -> dict[str, Any]:
-        unreadable: list[str] = []
-        while True:
-            snap = self.ring.latest_verified()
-            if snap is None:
-                out: dict[str, Any] = {"rollback": "no verified snapshot"}
-                if unreadable:
-                    out["unreadable_snapshots"] = unreadable
-                return out
-            self.ring.discard_after(snap.step)
-            try:
-                self.ring.restore(snap, self.model, self.optimizer, self.scheduler, restore_scheduler=False)
-                break
-            except SnapshotError as exc:  # a damaged spill file: the live state is untouched, try an older one
-                logger.error("self-healing: %s", exc)
-                unreadable.append(str(exc))
-                self.ring.discard(snap)
-        self._restore_plugin_state(snap)
-        lost = max(step - 1 - snap.step, 0)
-        self.recorder.counters["rollbacks"] += 1
-        self.recorder.counters["steps_lost"] += lost
-        out = {"rolled_back_to_step": snap.step, "steps_lost": lost}
-        if unreadable:
-            out["unreadable_snapshots"] = unreadable
-        return out
+        self.engine.notify(method, *args)
 
     def _restore_plugin_state(self, snap) -> None:
-        """The detectors' and ZClip's statistics go back with the weights they describe."""
-        if "monitor" in snap.extra:
-            self.monitor.load_state_dict(snap.extra["monitor"])
-        self.monitor.reset_trend()
-        if self.zclip is not None and "zclip" in snap.extra:
-            self.zclip.load_state_dict(snap.extra["zclip"])
-        self._ref_report = snap.report
+        self.engine.restore_plugin_state(snap)
 
     def _tighten_clipping(self) -> dict[str, Any]:
-        if self.zclip is not None:
-            return self.zclip.tighten(self.config.clip_tighten_factor)
-        hint = self.monitor.grad.window.mean if len(self.monitor.grad.window) else None
-        return tighten_clipping(self.trainer.args, self.config.clip_tighten_factor, hint)
-
-    def _give_up(self, diag: Diagnosis, reason: str, control) -> dict[str, Any]:
-        self.gave_up = True
-        self.give_up_reason = f"{diag.failure.value}: {reason or diag.summary}"
-        control.should_training_stop = True
-        out: dict[str, Any] = {"gave_up": reason or diag.summary}
-        snap = self.ring.latest_verified()
-        if snap is not None:  # leave the last good weights in memory for whatever the user saves next
-            self.ring.restore(snap, self.model, self.optimizer, self.scheduler, restore_scheduler=False)
-            out["restored_step"] = snap.step
-        return out
+        return self.engine.tighten_clipping()
 
     def _repair_logged_loss(self) -> None:
         """With `logging_nan_inf_filter=False` a NaN would stay in the Trainer's running loss sum
@@ -1031,47 +802,14 @@ class SelfHealingCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------
     # snapshots and LR persistence
     # ------------------------------------------------------------------------------------------
-    def _extra_state(self) -> dict[str, Any]:
+    def _trainer_state(self) -> dict[str, Any]:
+        """What a snapshot carries of the Trainer's own counters (a resume from it restores them)."""
         st = self.trainer.state
-        extra: dict[str, Any] = {"monitor": self.monitor.state_dict(), "policy": self.policy.state_dict(),
-                                 "trainer_state": {"epoch": st.epoch, "num_input_tokens_seen": st.num_input_tokens_seen,
-                                                   "total_flos": st.total_flos}}
-        if self.zclip is not None:
-            extra["zclip"] = self.zclip.state_dict()
-        return extra
+        return {"trainer_state": {"epoch": st.epoch, "num_input_tokens_seen": st.num_input_tokens_seen,
+                                  "total_flos": st.total_flos}}
 
     def _capture(self, step: int, report: StateReport):
-        if self.config.snapshot_spill_dir and self.ring.spill_dir is None:
-            self.ring.spill_dir = Path(self.trainer.args.output_dir) / self.config.snapshot_spill_dir
-        t0 = time.perf_counter()
-        snap = self.ring.capture(self.model, self.optimizer, self.scheduler, step, self._extra_state(), report)
-        self.recorder.counters["snapshots"] += 1
-        self._notify("on_snapshot", step, snap)
-        if self.config.snapshot_every_steps == "auto":
-            # everything this snapshot cost: the copy (on CUDA the device copy, once one has been
-            # timed), the plugin state, the observers (the journal), and the integrity pass that
-            # vouches for it when that pass was not due anyway
-            cost = time.perf_counter() - t0 - snap.alloc_seconds  # a new buffer is a one-off
-            if snap.events is not None:  # CUDA: the host only queued the copy
-                cost += self.ring.last_copy_seconds
-            if step % self.config.integrity_check_every_steps != 0:
-                cost += getattr(report, "seconds", 0.0) or 0.0
-            self._tune_snapshot_interval(cost)
-        return snap
-
-    def _tune_snapshot_interval(self, copy_seconds: float) -> None:
-        """Pick the interval that keeps snapshot cost under `snapshot_budget` of step time, on a
-        ladder of the integrity-check interval times 2**k (`snapshot.interval_on_ladder`): a noisy
-        cost estimate cannot make snapshots bunch up, and they share the integrity pass."""
-        if len(self._step_times) < 3:
-            return
-        step_time = statistics.median(self._step_times)
-        if step_time <= 0:
-            return
-        need = math.ceil(copy_seconds / (self.config.snapshot_budget * step_time))
-        interval = interval_on_ladder(need, self.config.integrity_check_every_steps)
-        # every rank must snapshot (and gather its integrity check) at the same steps
-        self.snapshot_interval = int(agree_max(interval))
+        return self.engine.capture(step, report)
 
     def _apply_persisted_lr_scale(self) -> None:
         """After a disk resume the scheduler comes back with the LR of the checkpoint; an LR cut
@@ -1094,12 +832,7 @@ class SelfHealingCallback(TrainerCallback):
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
         t = self.trainer
         state = getattr(t, "state", None)
-        more = {"lr_scale": self.policy.lr_scale, "recovery_attempts": self.policy.total_attempts,
-                "snapshot_interval": self.snapshot_interval}
-        if self.give_up_reason:
-            more["give_up_reason"] = self.give_up_reason
-        if self.zclip is not None:
-            more["zclip"] = self.zclip.summary()
+        more: dict[str, Any] = {}
         if self.watchdog is not None:
             more.update(self.watchdog.watchdog.postmortem_fields())
         notes = [n for m in self.monitors for n in getattr(m, "notes", [])]
@@ -1107,11 +840,9 @@ class SelfHealingCallback(TrainerCallback):
             more["notes"] = notes
         if extra:
             more.update(extra)
-        pm = self.recorder.build(exit_reason, last_step=getattr(state, "global_step", 0),
-                                 max_steps=getattr(state, "max_steps", None), exception=exception,
-                                 trainer_class=type(t).__name__, extra=more)
-        if t.args.should_save or not hasattr(t.args, "should_save"):
-            self.recorder.write(self.config.resolved_postmortem_path(t.args.output_dir), pm)
+        pm = self.engine.build_postmortem(exit_reason, last_step=getattr(state, "global_step", 0),
+                                          max_steps=getattr(state, "max_steps", None), exception=exception,
+                                          trainer_class=type(t).__name__, extra=more)
         self.postmortem = pm
-        self._notify("on_finish", pm)
+        self.engine.write_postmortem(pm, write=t.args.should_save or not hasattr(t.args, "should_save"))
         return pm

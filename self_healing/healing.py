@@ -171,10 +171,14 @@ def scheduled_lrs(optimizer: Any, scheduler: Any) -> list[float] | None:
     return lrs if len(lrs) == len(unwrap_optimizer(optimizer).param_groups) else None
 
 
-def restore_scheduled_lr(optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def restore_scheduled_lr(optimizer: Any, scheduler: Any, reference: list[float] | None = None) -> dict[str, Any]:
+    """Put the LR back to what the scheduler set, or without one to `reference` (the LRs a
+    plain loop last ran healthily with)."""
     opt = unwrap_optimizer(optimizer)
     before = [g["lr"] for g in opt.param_groups]
     lrs = scheduled_lrs(optimizer, scheduler)
+    if lrs is None and reference is not None and len(reference) == len(opt.param_groups):
+        lrs = list(reference)
     if lrs is not None:
         for g, lr in zip(opt.param_groups, lrs):
             g["lr"] = lr

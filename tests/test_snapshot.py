@@ -262,13 +262,13 @@ def test_auto_interval_keeps_the_snapshot_under_its_budget():
 
     cb = SelfHealingCallback(HealingConfig())
     cb._step_times.extend([0.2] * 5)
-    cb._tune_snapshot_interval(0.01)  # 10 ms per snapshot, 200 ms steps, 0.5% budget: every 10 steps
+    cb.engine.tune_snapshot_interval(0.01)  # 10 ms per snapshot, 200 ms steps, 0.5% budget: every 10 steps
     assert cb.snapshot_interval == 10
-    cb._tune_snapshot_interval(0.0001)
+    cb.engine.tune_snapshot_interval(0.0001)
     assert cb.snapshot_interval == 5  # never more often than every 5 steps
-    cb._tune_snapshot_interval(0.013)  # 13 steps would do: the next rung up, on an integrity check
+    cb.engine.tune_snapshot_interval(0.013)  # 13 steps would do: the next rung up, on an integrity check
     assert cb.snapshot_interval == 20
-    cb._tune_snapshot_interval(100.0)
+    cb.engine.tune_snapshot_interval(100.0)
     assert cb.snapshot_interval == 640  # the top rung under 1000
 
 
