@@ -8,7 +8,8 @@ the callback events, `attach()` wraps three methods *on the trainer instance* (n
 - `training_step`: keeps the step's loss tensor (summed over micro-batches, on device) and turns a
   healable exception raised inside forward/backward into a skipped step instead of a dead run;
 - `_get_grad_norm`: keeps the pre-clip norm the Trainer computes anyway (no second pass);
-- with ZClip on, `_clip_grad_norm`: measures without clipping, then applies ZClip's threshold.
+- with ZClip on, `_clip_grad_norm`: measures without clipping, then applies ZClip's threshold
+  (transformers < 5.3 has neither: `compat.install_grad_norm` wraps the accelerator's call).
 
 The decision for a step is taken in `on_pre_optimizer_step`, after one host sync of (loss, norm),
 before `optimizer.step()`: a skipped step sets every `.grad` to None so the optimizer leaves the
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from . import compat
 from .config import HealingConfig
 from .detectors import Detection, StateReport, StepMonitor, StepSignals
 from .engine import Decision, Healer
@@ -268,6 +270,7 @@ class SelfHealingCallback(TrainerCallback):
                 return self
             raise RuntimeError("this SelfHealingCallback is already attached to another trainer; "
                                "create one SelfHealingCallback per trainer")
+        compat.check_trainer(trainer)  # an internal with no fallback: a clear error now, not a silent gap later
         for other in [c for c in trainer.callback_handler.callbacks
                       if isinstance(c, SelfHealingCallback) and c is not self]:
             if other.trainer is trainer:
@@ -287,18 +290,15 @@ class SelfHealingCallback(TrainerCallback):
         self.engine.extra_state = self._trainer_state
         self.monitor = StepMonitor(self.config, loss_signals=self.engine.loss_signals)
         self._wrap("training_step", self._make_training_step)
-        if hasattr(trainer, "_get_grad_norm"):
-            self._wrap("_get_grad_norm", self._make_get_grad_norm)
-        if hasattr(trainer, "get_batch_samples") and hasattr(trainer, "_get_num_items_in_batch"):
-            self._wrap("get_batch_samples", self._make_get_batch_samples)
+        self._wrap("get_batch_samples", self._make_get_batch_samples)
         self._wrap("get_train_dataloader", self._make_get_train_dataloader)
         self._wrap("evaluate", self._make_phase("eval"))
         self._wrap("log", self._make_log)
-        if hasattr(trainer, "_save_checkpoint"):
+        if compat.present(trainer, "_save_checkpoint"):
             self._wrap("_save_checkpoint", self._make_phase("save"))
         if self.config.zclip_enabled:
             self.zclip = self._new_zclip()
-            self._wrap("_clip_grad_norm", self._make_clip_grad_norm)
+        compat.install_grad_norm(self)  # _get_grad_norm/_clip_grad_norm, or the accelerator's clip_grad_norm_
         self.orchestrator = None
         if not orchestrated:
             from .trainer import SelfHealingTrainer
@@ -384,6 +384,7 @@ class SelfHealingCallback(TrainerCallback):
             else:
                 setattr(self.trainer, name, orig)
         self._wrapped.clear()
+        compat.undo(self)
         for cb in (self, self.tracker, self.journal, getattr(self, "early_warning", None), self.watchdog):
             if cb is not None and cb in self.trainer.callback_handler.callbacks:
                 self.trainer.remove_callback(cb)
@@ -464,8 +465,7 @@ class SelfHealingCallback(TrainerCallback):
                                    d.summary)
                     continue
                 batches.append(batch)
-            device = args[0] if args else kwargs.get("device", self.trainer.args.device)
-            return batches, self.trainer._get_num_items_in_batch(batches, device)
+            return batches, compat.num_items_in_batch(self.trainer, orig, batches, *args, **kwargs)
 
         return get_batch_samples
 
@@ -673,6 +673,7 @@ class SelfHealingCallback(TrainerCallback):
         if self.trainer is None:  # not attached (see on_train_begin)
             return control
         step = state.global_step + 1
+        compat.ensure_grad_norm(self)  # older transformers with max_grad_norm=0 compute no norm
         signals = self._signals(step)
         failed = signals.exception is not None  # the step's loss and norm are stand-ins, not measurements
         self._last_window_skipped = failed
@@ -795,9 +796,7 @@ class SelfHealingCallback(TrainerCallback):
     def _repair_logged_loss(self) -> None:
         """With `logging_nan_inf_filter=False` a NaN would stay in the Trainer's running loss sum
         (NaN - NaN is NaN) and every later log would read NaN."""
-        tr = getattr(self.trainer, "_tr_loss", None)
-        if isinstance(tr, torch.Tensor) and not bool(torch.isfinite(tr).all()):
-            tr.zero_()
+        compat.repair_running_loss(self.trainer)
 
     # ------------------------------------------------------------------------------------------
     # snapshots and LR persistence

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import compat
 from .io import fsync_dir, fsync_tree, give_normal_modes
 from .redact import redacted_copy
 
@@ -101,12 +102,7 @@ def _unsafe_or_nonfinite(f: Path, check_finite: bool) -> str | None:
     try:
         ctx: Any = contextlib.nullcontext()
         if f.name.startswith("rng_state"):
-            try:
-                from transformers.trainer_pt_utils import safe_globals
-
-                ctx = safe_globals()
-            except ImportError:
-                pass
+            ctx = compat.numpy_safe_globals()
         with ctx:
             try:
                 obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -212,9 +208,7 @@ def write_resume_checkpoint(trainer: Any, step: int, extra_state: dict[str, Any]
                 setattr(state, k, v)
         state.log_history = [h for h in state.log_history if h.get("step", 0) <= step]
         trainer.save_model(str(tmp), _internal_call=True)
-        trainer._save_optimizer_and_scheduler(str(tmp))
-        trainer._save_scaler(str(tmp))
-        trainer._save_rng_state(str(tmp))
+        compat.save_training_state(trainer, str(tmp))
         if main:
             if (tmp / "training_args.bin").is_file():  # the Trainer pickles its args whole, hub_token included
                 torch.save(redacted_copy(trainer.args), str(tmp / "training_args.bin"))

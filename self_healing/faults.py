@@ -48,6 +48,7 @@ from typing import Any, Callable
 import torch
 from transformers import TrainerCallback
 
+from . import compat
 from .distributed import local_tensor
 from .snapshot import unwrap_optimizer
 
@@ -182,7 +183,7 @@ class FaultInjector(TrainerCallback):
                             local_tensor(p.grad).fill_(float("nan"))
                     else:
                         grads = [local_tensor(p.grad) for p in trainer.model.parameters() if p.grad is not None]
-                        torch._foreach_mul_(grads, f.factor)
+                        compat.foreach_mul_(grads, f.factor)
                 injector._fire(f)
             return loss
 
@@ -220,7 +221,7 @@ class FaultInjector(TrainerCallback):
                 elif f.kind == "weight_scale":
                     ps = [local_tensor(p) for n, p in self.trainer.model.named_parameters()
                           if p.requires_grad and (f.param is None or f.param in n)]
-                    torch._foreach_mul_(ps, f.factor)
+                    compat.foreach_mul_(ps, f.factor)
                     self._fire(f)
                 elif f.kind == "zero_exp_avg_sq":
                     opt = unwrap_optimizer(self.trainer.optimizer)
@@ -233,7 +234,7 @@ class FaultInjector(TrainerCallback):
                         g["lr"] = g["lr"] * f.factor
                     self._fire(f)
                 elif f.kind == "weight_drift":
-                    torch._foreach_mul_([local_tensor(p) for n, p in self.trainer.model.named_parameters()
+                    compat.foreach_mul_([local_tensor(p) for n, p in self.trainer.model.named_parameters()
                                          if p.requires_grad and (f.param is None or f.param in n)], f.factor)
                     self._fire(f)
                 elif f.kind == "lr_ramp":
@@ -263,8 +264,7 @@ class FaultInjector(TrainerCallback):
             mult = factor ** f.level(step)
             for g in opt.param_groups:  # this step's LR was set before the wrap
                 g["lr"] = g["lr"] * mult
-            if getattr(sched, "_last_lr", None) is not None:
-                sched._last_lr = [g["lr"] for g in opt.param_groups]
+            compat.scale_last_lr(sched, lrs=[g["lr"] for g in opt.param_groups])
         else:
             base = getattr(f, "_base_lrs", None)
             if base is None:

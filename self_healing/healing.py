@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import compat
 from .config import HealingConfig
 from .diagnosis import Action, Diagnosis, FailureKind
 from .snapshot import unwrap_optimizer
@@ -156,8 +157,7 @@ def scale_lr(optimizer: Any, scheduler: Any, factor: float) -> dict[str, Any]:
     if scheduler is not None:
         if hasattr(scheduler, "base_lrs"):
             scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
-        if hasattr(scheduler, "_last_lr") and scheduler._last_lr is not None:
-            scheduler._last_lr = [lr * factor for lr in scheduler._last_lr]
+        compat.scale_last_lr(scheduler, factor)
     return {"lr_before": before, "lr_after": [g["lr"] for g in opt.param_groups], "factor": factor}
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from . import compat
 from .redact import redact_text
 
 logger = logging.getLogger("self_healing")
@@ -88,8 +89,8 @@ class TrackioTracker(TrainerCallback):
     def _align(self, global_step: int) -> None:
         """Make trackio's next auto-numbered row (the Trainer's) land on `global_step`."""
         run = self._run()
-        if run is not None and isinstance(getattr(run, "_next_step", None), int):
-            run._next_step = int(global_step)
+        if run is not None:
+            compat.set_trackio_next_step(run, global_step)
 
     # --------------------------------------------------------------------------------------------
     # SelfHealingCallback observer API

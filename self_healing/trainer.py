@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import compat
 from .callback import SelfHealingCallback, free_memory
 from .checkpoints import (free_disk_space, latest_verified_checkpoint, preemption_checkpoint, verify_checkpoint,
                           write_resume_checkpoint)
@@ -248,11 +249,7 @@ class SelfHealingTrainer:
     def _reset_generation_buffers(self) -> None:
         """GRPO/RLOO buffer a generation batch across micro-steps; after a resume (and maybe a new
         batch split) it must be regenerated, as on a fresh resume from disk."""
-        t = self.trainer
-        if hasattr(t, "_buffered_inputs"):
-            t._buffered_inputs = None
-        if hasattr(t, "_step") and isinstance(getattr(t, "_step"), int):
-            t._step = 0
+        compat.reset_generation_buffers(self.trainer)
 
     def _reduce_batch(self) -> dict[str, Any] | None:
         """Halve the per-device batch and multiply gradient accumulation so the effective batch
@@ -267,7 +264,7 @@ class SelfHealingTrainer:
             spg = getattr(args, "steps_per_generation", None)
             if isinstance(spg, int) and spg > 0:  # GRPO/RLOO: the generation batch stays the same size
                 args.steps_per_generation = spg * k
-            self.trainer._train_batch_size = new_bs * max(1, int(getattr(args, "n_gpu", 1) or 1))
+            compat.set_train_batch_size(self.trainer, new_bs * max(1, int(getattr(args, "n_gpu", 1) or 1)))
             change = {"action": Action.REDUCE_BATCH.value, "per_device_train_batch_size": [bs, new_bs],
                       "gradient_accumulation_steps": [ga, ga * k], "effective_batch": [bs * ga, new_bs * ga * k]}
             if new_bs != bs // 2:
@@ -489,15 +486,14 @@ class _TrainerSnapshot:
         self.opt_state = copy.deepcopy(t.optimizer.state_dict()) if t.optimizer is not None else None
         self.scheduler = t.lr_scheduler
         self.sched_state = copy.deepcopy(t.lr_scheduler.state_dict()) if t.lr_scheduler is not None else None
-        self.created_scheduler = getattr(t, "_created_lr_scheduler", None)
+        self.created_scheduler = compat.created_lr_scheduler(t)
         self.state = copy.deepcopy(t.state)
         self.control = copy.deepcopy(t.control)
         self.callbacks = list(t.callback_handler.callbacks)
         self.args = {k: getattr(t.args, k) for k in _DRY_ARG_FIELDS if hasattr(t.args, k)}
-        self.train_batch_size = getattr(t, "_train_batch_size", None)
+        self.train_batch_size = compat.train_batch_size(t)
         self.rng = _rng_state()
-        self.extra = {k: copy.deepcopy(getattr(t, k)) for k in ("_step", "_metrics", "_buffered_inputs")
-                      if hasattr(t, k)}
+        self.extra = {k: copy.deepcopy(getattr(t, k)) for k in compat.TRAINER_EXTRA_STATE if hasattr(t, k)}
         self.model_wrapped = getattr(t, "model_wrapped", None)
         self._torch = torch
 
@@ -518,14 +514,14 @@ class _TrainerSnapshot:
         else:
             t.lr_scheduler = None
         if self.created_scheduler is not None:
-            t._created_lr_scheduler = self.created_scheduler
+            compat.set_created_lr_scheduler(t, self.created_scheduler)
         t.state = self.state
         t.control = self.control
         t.callback_handler.callbacks = self.callbacks
         for k, v in self.args.items():
             setattr(t.args, k, v)
         if self.train_batch_size is not None:
-            t._train_batch_size = self.train_batch_size
+            compat.set_train_batch_size(t, self.train_batch_size)
         for k, v in self.extra.items():
             setattr(t, k, v)
         if self.model_wrapped is not None:

@@ -69,6 +69,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from . import compat
+
 logger = logging.getLogger("self_healing")
 
 HANG_EXIT_CODE = 75
@@ -984,7 +986,7 @@ class WatchdogHooks:
             same phase runs on (a save's `on_save` callbacks, which upload or copy it, belong to it);
             `fresh`: phases whose history starts over (the first batch after a resume skips the
             data already seen)."""
-            if not hasattr(t, name):
+            if not compat.present(t, name):  # a Trainer internal every supported version has is warned about
                 return
 
             def factory(orig):

@@ -1,0 +1,346 @@
+"""Every private transformers / TRL / accelerate / trackio / torch internal the plugin uses, in one place.
+
+The plugin has to reach inside the Trainer: callbacks get neither the loss nor the grad norm, and
+nothing public skips a step or writes a resume checkpoint. Private names move between releases, and
+a `hasattr` that quietly turns a feature off is how a plugin stops healing without anyone noticing
+(measured: on transformers 5.0 a gradient explosion went undetected because `_get_grad_norm` did
+not exist yet). So each internal goes through one function here, listed in `INTERNALS` with the
+versions it was checked against and what happens when it is absent: a fallback that keeps the
+feature, or `UnsupportedVersion` at attach naming it and the supported versions. Never silence.
+
+`tests/test_compat_internals.py` guards every row on the installed versions and forces every
+fallback; `.ci/versions` runs those tests and a representative subset on the oldest and newest
+releases of the supported range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+logger = logging.getLogger("self_healing")
+
+SUPPORTED = "transformers 4.57.6-5.x (<6), TRL 0.29.1-1.x (<2), accelerate 1.4+"
+"""What `.ci/versions` tests (the oldest and the newest release of each range) and pyproject declares."""
+
+CHECKED = {"old": "transformers 4.57.6 + TRL 0.29.1 + accelerate 1.16.0",
+           "oldest5": "transformers 5.0.0 + TRL 1.0.0 + accelerate 1.4.0",
+           "newest": "transformers 5.24.0 + TRL 1.16.0 + accelerate 1.16.0"}
+"""The version sets each row's `checked` column refers to (torch 2.13, trackio 0.43, numpy 2.4)."""
+
+
+class Internal(NamedTuple):
+    used_for: str
+    checked: str
+    when_absent: str
+
+
+INTERNALS: dict[str, Internal] = {
+    "Trainer.training_step": Internal(
+        "wrapped: the step's loss tensor; a healable forward/backward exception becomes a skipped step",
+        "old, oldest5, newest", "required: UnsupportedVersion at attach"),
+    "Trainer._get_grad_norm": Internal(
+        "wrapped: keeps the pre-clip norm the Trainer computes anyway", "newest (added in 5.3; absent in old, oldest5)",
+        "fallback: wrap accelerator.clip_grad_norm_ (the old loop calls it directly), else measure the norm "
+        "in on_pre_optimizer_step"),
+    "Trainer._clip_grad_norm": Internal(
+        "wrapped with ZClip on: measure without clipping, ZClip clips", "newest (added in 5.3)",
+        "fallback: the accelerator.clip_grad_norm_ wrapper measures without clipping"),
+    "Accelerator.clip_grad_norm_": Internal(
+        "public; wrapped only by the two fallbacks above", "old, oldest5, newest", "required by the fallbacks"),
+    "Trainer.get_batch_samples": Internal(
+        "wrapped: a batch whose collation failed is recorded and the next one taken", "old, oldest5, newest",
+        "required: UnsupportedVersion at attach (the guarded collator's skipped batches need it)"),
+    "Trainer._get_num_items_in_batch": Internal(
+        "the loss normaliser of the batches get_batch_samples returns", "old, oldest5, newest",
+        "fallback: the Trainer's own get_batch_samples over the batches already fetched"),
+    "Trainer._save_checkpoint": Internal(
+        "wrapped: errors while saving are tagged 'save'; the watchdog's save phase", "old, oldest5, newest",
+        "warning at attach: save errors count as the step's, no save phase for the hang watchdog"),
+    "Trainer._load_best_model": Internal("watchdog: save phase", "old, oldest5, newest", "warning at attach"),
+    "Trainer._inner_training_loop": Internal("watchdog: startup/finishing phases", "old, oldest5, newest",
+                                             "warning at attach"),
+    "Trainer._tr_loss": Internal(
+        "a NaN is zeroed out of the running loss (logging_nan_inf_filter=False)", "newest (a local tr_loss in "
+        "old, oldest5)", "warning once: the Trainer's logged loss reads NaN after a skipped NaN step"),
+    "Trainer._train_batch_size": Internal(
+        "OOM: the halved batch the relaunched loop uses", "old, oldest5, newest", "required: UnsupportedVersion"),
+    "Trainer._created_lr_scheduler": Internal(
+        "in-memory retry: the scheduler flag restored", "old, oldest5, newest", "required: UnsupportedVersion"),
+    "Trainer._save_optimizer_and_scheduler": Internal(
+        "the plugin's own resume checkpoint (preemption)", "old, oldest5, newest", "required: UnsupportedVersion"),
+    "Trainer._save_scaler": Internal("same", "old, oldest5, newest", "required: UnsupportedVersion"),
+    "Trainer._save_rng_state": Internal("same", "old, oldest5, newest", "required: UnsupportedVersion"),
+    "transformers.trainer_pt_utils.safe_globals": Internal(
+        "verify rng_state.pth the way the Trainer loads it (weights_only, numpy allowlisted)",
+        "newest (5.2+; transformers.trainer.safe_globals in old, oldest5)",
+        "fallback: torch.serialization.safe_globals with the same numpy allowlist"),
+    "TRL GRPO/RLOO _buffered_inputs, _step": Internal(
+        "a resume regenerates the buffered generation batch", "old, oldest5, newest", "optional per trainer"),
+    "TRL _metrics": Internal("in-memory retry restores the metric buffers", "old, oldest5, newest",
+                             "optional per trainer"),
+    "TRL _generate_and_score_completions/_generate": Internal("watchdog: generation phase", "old, oldest5, newest",
+                                                               "optional per trainer"),
+    "torch LRScheduler._last_lr": Internal(
+        "an LR cut shows in get_last_lr() (what the Trainer logs)", "torch 2.13", "fallback: nothing to update"),
+    "trackio Run._next_step": Internal(
+        "the Trainer's trackio rows land on global_step after a rollback", "trackio 0.43",
+        "warning once: the dashboard's step axis is not realigned"),
+    "torch._foreach_mul_": Internal("fault injection scales many tensors at once", "torch 2.13",
+                                    "fallback: one mul_ per tensor"),
+}
+
+_REQUIRED_ON_TRAINER = ("training_step", "get_batch_samples", "_train_batch_size", "_created_lr_scheduler",
+                        "_save_optimizer_and_scheduler", "_save_scaler", "_save_rng_state")
+_WARN_IF_ABSENT = ("_save_checkpoint", "_load_best_model", "_inner_training_loop")
+_warned: set[str] = set()
+
+
+class UnsupportedVersion(RuntimeError):
+    """A private internal the plugin cannot work without is missing from the installed version."""
+
+
+def _versions() -> str:
+    import accelerate
+    import transformers
+
+    try:
+        import trl
+
+        t = f", TRL {trl.__version__}"
+    except ImportError:
+        t = ""
+    return f"transformers {transformers.__version__}{t}, accelerate {accelerate.__version__}"
+
+
+def _warn_once(key: str, msg: str, *args: Any) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("self-healing: " + msg + " (installed: %s; supported: %s)", *args, _versions(), SUPPORTED)
+
+
+def check_trainer(trainer: Any) -> None:
+    """At attach: every internal with no fallback exists, else `UnsupportedVersion` naming it."""
+    missing = [n for n in _REQUIRED_ON_TRAINER if not hasattr(trainer, n)]
+    if missing:
+        raise UnsupportedVersion(
+            f"self-healing needs Trainer internal(s) {', '.join(missing)}, which {type(trainer).__name__} does not "
+            f"have on {_versions()}; supported: {SUPPORTED}")
+    for n in _WARN_IF_ABSENT:
+        if not hasattr(trainer, n):
+            _warn_once(n, "Trainer.%s is missing: %s", n, INTERNALS[f"Trainer.{n}"].when_absent)
+
+
+def present(trainer: Any, name: str) -> bool:
+    """Whether `trainer` has `name`; a Trainer internal every supported version has is warned about."""
+    if hasattr(trainer, name):
+        return True
+    if name in _WARN_IF_ABSENT:
+        _warn_once(name, "Trainer.%s is missing: %s", name, INTERNALS[f"Trainer.{name}"].when_absent)
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
+# gradient norm and ZClip
+# ------------------------------------------------------------------------------------------------
+def _measure_params(accelerator: Any, params: list) -> Any:
+    """The pre-clip norm of `params` without touching them (the fallback's `_measure_grad_norm`)."""
+    from .callback import _measure_grad_norm
+
+    class _Params:  # _measure_grad_norm reads model.parameters() only
+        def parameters(self):
+            return iter(params)
+
+    return _measure_grad_norm(accelerator, _Params())
+
+
+def install_grad_norm(cb: Any) -> None:
+    """Keep the step's pre-clip grad norm in `cb._grad_norm`; with ZClip on, make the Trainer's
+    clipping measure only (ZClip clips in on_pre_optimizer_step).
+
+    transformers 5.3+: wraps `_get_grad_norm` / `_clip_grad_norm` (no extra pass). Older releases
+    call `accelerator.clip_grad_norm_` straight from the training loop (and nothing at all when
+    `max_grad_norm` is 0): that public call is wrapped on the trainer's accelerator instead, and
+    `ensure_grad_norm` measures the norm when the loop did not."""
+    t = cb.trainer
+    cb._grad_norm_fallback = not hasattr(t, "_get_grad_norm") or (
+        cb.config.zclip_enabled and not hasattr(t, "_clip_grad_norm"))
+    if hasattr(t, "_get_grad_norm"):
+        cb._wrap("_get_grad_norm", cb._make_get_grad_norm)
+    if cb.config.zclip_enabled and hasattr(t, "_clip_grad_norm"):
+        cb._wrap("_clip_grad_norm", cb._make_clip_grad_norm)
+    if not cb._grad_norm_fallback:
+        return
+    acc = t.accelerator
+    orig = acc.clip_grad_norm_
+    zclip = cb.config.zclip_enabled and not hasattr(t, "_clip_grad_norm")
+    record = not hasattr(t, "_get_grad_norm")
+
+    def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
+        """The Trainer's clipping call: measured only with ZClip on (ZClip clips later), and its
+        pre-clip norm kept for the detectors; the plugin's own inf-norm measurement passes through."""
+        if cb.passthrough or max_norm == float("inf"):
+            return orig(parameters, max_norm, *args, **kwargs)
+        if zclip:  # its FSDP/DeepSpeed path calls clip_grad_norm_(inf): passed through above
+            out = _measure_params(acc, list(parameters))
+        else:
+            out = orig(parameters, max_norm, *args, **kwargs)
+        if record or zclip:
+            cb._grad_norm = out.full_tensor() if hasattr(out, "full_tensor") else out
+        return out
+
+    prev = acc.__dict__.get("clip_grad_norm_")
+    acc.clip_grad_norm_ = clip_grad_norm_
+
+    def restore() -> None:
+        if prev is None:
+            acc.__dict__.pop("clip_grad_norm_", None)
+        else:
+            acc.clip_grad_norm_ = prev
+
+    cb._compat_undo = getattr(cb, "_compat_undo", []) + [restore]
+
+
+def ensure_grad_norm(cb: Any) -> None:
+    """On the fallback path, at on_pre_optimizer_step: measure the norm the loop did not compute
+    (old transformers with `max_grad_norm` 0). A no-op on transformers 5.3+."""
+    if getattr(cb, "_grad_norm_fallback", False) and cb._grad_norm is None and not cb.passthrough:
+        from .callback import _measure_grad_norm
+
+        if any(p.grad is not None for p in cb.trainer.model.parameters()):
+            cb._grad_norm = _measure_grad_norm(cb.trainer.accelerator, cb.trainer.model)
+
+
+def undo(cb: Any) -> None:
+    """At detach: remove what `install_grad_norm` put on objects other than the trainer."""
+    for fn in reversed(getattr(cb, "_compat_undo", [])):
+        fn()
+    cb._compat_undo = []
+
+
+# ------------------------------------------------------------------------------------------------
+# batches, running loss, trainer fields
+# ------------------------------------------------------------------------------------------------
+def num_items_in_batch(trainer: Any, orig_get_batch_samples: Callable, batches: list, *args: Any,
+                       **kwargs: Any) -> Any:
+    """The Trainer's loss normaliser for `batches` (already fetched, bad ones skipped)."""
+    if hasattr(trainer, "_get_num_items_in_batch"):
+        device = args[0] if args else kwargs.get("device", trainer.args.device)
+        return trainer._get_num_items_in_batch(batches, device)
+    return orig_get_batch_samples(iter(batches), len(batches), *args, **kwargs)[1]
+
+
+def repair_running_loss(trainer: Any) -> None:
+    """Zero a non-finite running loss (transformers 5.3+ keeps it in `_tr_loss`); on older
+    releases it is a local of the training loop, which nothing outside can reach: say so."""
+    tr = getattr(trainer, "_tr_loss", None)
+    if isinstance(tr, torch.Tensor):
+        if not bool(torch.isfinite(tr).all()):
+            tr.zero_()
+    elif not getattr(trainer.args, "logging_nan_inf_filter", True):
+        _warn_once("_tr_loss", "a skipped NaN step stays in the Trainer's running loss (Trainer._tr_loss is missing), "
+                   "so its logged 'loss' reads NaN until the next log window; logging_nan_inf_filter=True avoids it")
+
+
+def reset_generation_buffers(trainer: Any) -> None:
+    """GRPO/RLOO: drop the buffered generation batch so a resume regenerates it."""
+    if hasattr(trainer, "_buffered_inputs"):
+        trainer._buffered_inputs = None
+    if isinstance(getattr(trainer, "_step", None), int):
+        trainer._step = 0
+
+
+TRAINER_EXTRA_STATE = ("_step", "_metrics", "_buffered_inputs")
+"""TRL trainers' own counters and buffers an in-memory retry restores (whichever exist)."""
+
+
+def train_batch_size(trainer: Any) -> int | None:
+    return getattr(trainer, "_train_batch_size", None)
+
+
+def set_train_batch_size(trainer: Any, n: int) -> None:
+    """The batch the next `_inner_training_loop` uses (`train()` passes `_train_batch_size`)."""
+    if not hasattr(trainer, "_train_batch_size"):
+        raise UnsupportedVersion(f"Trainer._train_batch_size is missing on {_versions()}; supported: {SUPPORTED}")
+    trainer._train_batch_size = n
+
+
+def created_lr_scheduler(trainer: Any) -> Any:
+    return getattr(trainer, "_created_lr_scheduler", None)
+
+
+def set_created_lr_scheduler(trainer: Any, value: Any) -> None:
+    trainer._created_lr_scheduler = value
+
+
+def save_training_state(trainer: Any, output_dir: str, optimizer: bool = True) -> None:
+    """Optimizer and scheduler (unless not `optimizer`), AMP scaler and RNG state, as the Trainer
+    writes them into a checkpoint."""
+    names = ("_save_optimizer_and_scheduler",) if optimizer else ()
+    for name in names + ("_save_scaler", "_save_rng_state"):
+        fn = getattr(trainer, name, None)
+        if fn is None:
+            raise UnsupportedVersion(f"Trainer.{name} is missing on {_versions()}; the resume checkpoint cannot be "
+                                     f"written; supported: {SUPPORTED}")
+        fn(output_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# loading, schedulers, trackio, torch
+# ------------------------------------------------------------------------------------------------
+def numpy_safe_globals() -> Any:
+    """`torch.load(weights_only=True)` context allowing the numpy objects of the Trainer's
+    `rng_state.pth`: transformers' own (`trainer_pt_utils.safe_globals`, 5.2+), else the same
+    allowlist through torch's `torch.serialization.safe_globals`."""
+    try:
+        from transformers.trainer_pt_utils import safe_globals
+
+        return safe_globals()
+    except ImportError:
+        pass
+    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5 had no allowlist to extend
+        return contextlib.nullcontext()
+    return torch.serialization.safe_globals(numpy_allowlist())
+
+
+def numpy_allowlist() -> list:
+    """The numpy globals of a pickled `np.random.get_state()` (transformers' list)."""
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def scale_last_lr(scheduler: Any, factor: float | None = None, lrs: list[float] | None = None) -> None:
+    """Make `scheduler.get_last_lr()` (what the Trainer logs) show an LR change made outside it:
+    scaled by `factor`, or set to `lrs`. Nothing to do for a scheduler without `_last_lr`."""
+    last = getattr(scheduler, "_last_lr", None)
+    if last is None:
+        return
+    scheduler._last_lr = list(lrs) if lrs is not None else [lr * factor for lr in last]
+
+
+def set_trackio_next_step(run: Any, step: int) -> bool:
+    """Make trackio's next auto-numbered row land on `step`; False (warned once) when the run has
+    no `_next_step` to set."""
+    if isinstance(getattr(run, "_next_step", None), int):
+        run._next_step = int(step)
+        return True
+    if run is not None:
+        _warn_once("trackio._next_step", "trackio's run has no _next_step: after a rollback the Trainer's dashboard "
+                   "rows are not realigned to global_step")
+    return False
+
+
+def foreach_mul_(tensors: list, factor: float) -> None:
+    """In-place multiply many tensors at once (`torch._foreach_mul_`), else one by one."""
+    if not tensors:
+        return
+    if hasattr(torch, "_foreach_mul_"):
+        torch._foreach_mul_(tensors, factor)
+    else:
+        for t in tensors:
+            t.mul_(factor)
