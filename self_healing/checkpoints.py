@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,12 @@ _FSDP_FULL_WEIGHTS, _FSDP_FULL_OPTIMIZER = "pytorch_model_fsdp.bin", "optimizer.
 _FSDP_SHARDED = ("pytorch_model_fsdp_0", "optimizer_0")
 """accelerate's FSDP SHARDED_STATE_DICT directories (torch.distributed.checkpoint: `.metadata` and
 one `*.distcp` per rank)."""
+RESUME_INFO = "self-healing-resume.json"
+"""In a resume checkpoint of the plugin's that leaves something out (the fast state written at a
+preemption whose grace cannot hold a full checkpoint): what was left out and why. Verification
+accepts the missing optimizer state only with it; auto-resume reports it."""
+FAST_STATE_SAFETY = 1.25
+"""A part is written only when this times its estimated seconds still fits before the deadline."""
 _STEP_RE = re.compile(r"(?:checkpoint|resume-step)-(\d+)$")
 
 
@@ -64,7 +71,8 @@ def verify_checkpoint(path: str | os.PathLike, check_finite: bool = True) -> tup
     sharded_model, sharded_opt = (_dcp_problem(p / d) for d in _FSDP_SHARDED)
     if not weights and sharded_model is not None:
         return False, "no model weights file" if sharded_model == "missing" else sharded_model
-    if not any((p / f).is_file() for f in ("optimizer.pt", _FSDP_FULL_OPTIMIZER)) and sharded_opt is not None:
+    if not any((p / f).is_file() for f in ("optimizer.pt", _FSDP_FULL_OPTIMIZER)) and sharded_opt is not None \
+            and "optimizer" not in (resume_info(p) or {}).get("omitted", ()):
         return False, "no optimizer.pt" if sharded_opt == "missing" else sharded_opt
     if not (p / "scheduler.pt").is_file():
         return False, "no scheduler.pt"
@@ -79,6 +87,21 @@ def verify_checkpoint(path: str | os.PathLike, check_finite: bool = True) -> tup
             if bad is not None:
                 return False, bad
     return True, "ok"
+
+
+def resume_info(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What a fast resume state of the plugin's left out (its `RESUME_INFO`), or None: a full
+    checkpoint, or a file outside the plugin's own directory (not ours to trust)."""
+    p = Path(path)
+    if p.parent.name != PLUGIN_DIR:
+        return None
+    try:
+        info = json.loads((p / RESUME_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("omitted"), list):
+        return None
+    return info
 
 
 def _dcp_problem(d: Path) -> str | None:
@@ -184,12 +207,20 @@ def latest_verified_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | No
     return None, skipped
 
 
-def write_resume_checkpoint(trainer: Any, step: int, extra_state: dict[str, Any] | None = None) -> Path:
+def write_resume_checkpoint(trainer: Any, step: int, extra_state: dict[str, Any] | None = None,
+                            deadline: float | None = None) -> Path:
     """Save the trainer's *current* in-memory state as a resumable checkpoint at `step`, in the
     plugin's own directory, written to a temp dir and renamed so it is complete or absent. Every
     rank calls it (each saves its own RNG state; sharded states need all ranks); the main process
-    alone creates, renames and prunes directories."""
-    from .distributed import barrier
+    alone creates, renames and prunes directories.
+
+    `deadline` (a `time.monotonic()` time) asks for the *fast* state of a preemption whose grace
+    cannot hold a full checkpoint: the weights first, timed; the optimizer state (Adam's moments,
+    twice the weights) only if, at the rate the weights went to disk, it will be there before the
+    deadline; else the scheduler, AMP scaler, RNG and trainer state without it, and a `RESUME_INFO`
+    saying so (a resume re-initialises the moments). Older resume checkpoints are kept (a partial
+    state never replaces a full one)."""
+    from .distributed import agree_max, barrier
 
     main = bool(getattr(trainer.args, "should_save", True))
     root = Path(trainer.args.output_dir) / PLUGIN_DIR
@@ -207,8 +238,23 @@ def write_resume_checkpoint(trainer: Any, step: int, extra_state: dict[str, Any]
             for k, v in extra_state.items():
                 setattr(state, k, v)
         state.log_history = [h for h in state.log_history if h.get("step", 0) <= step]
+        t0 = time.monotonic()
         trainer.save_model(str(tmp), _internal_call=True)
-        compat.save_training_state(trainer, str(tmp))
+        omit = 0.0
+        if deadline is not None and main:
+            est = _optimizer_seconds(trainer, time.monotonic() - t0)
+            omit = 1.0 if time.monotonic() + FAST_STATE_SAFETY * est > deadline else 0.0
+            info = {"kind": "preemption_fast_state", "step": step, "omitted": ["optimizer"] if omit else [],
+                    "optimizer_seconds_estimate": round(est, 3),
+                    "seconds_left": round(deadline - time.monotonic(), 3)}
+        if deadline is not None:
+            omit = agree_max(omit)  # every rank writes the same parts
+        if omit:
+            _save_state_without_optimizer(trainer, tmp, main)
+        else:
+            compat.save_training_state(trainer, str(tmp))
+        if main and deadline is not None:
+            (tmp / RESUME_INFO).write_text(json.dumps(info), encoding="utf-8")
         if main:
             if (tmp / "training_args.bin").is_file():  # the Trainer pickles its args whole, hub_token included
                 torch.save(redacted_copy(trainer.args), str(tmp / "training_args.bin"))
@@ -223,33 +269,104 @@ def write_resume_checkpoint(trainer: Any, step: int, extra_state: dict[str, Any]
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
-        prune_resume_checkpoints(trainer.args.output_dir, keep=final)
+        if deadline is None:
+            prune_resume_checkpoints(trainer.args.output_dir, keep=final)
     barrier()
     return final
 
 
-def preemption_checkpoint(trainer: Any, step: int) -> tuple[Path | None, str | None]:
+def _optimizer_seconds(trainer: Any, weight_seconds: float) -> float:
+    """The optimizer state's write time at the rate the weights were just written (bytes)."""
+    def nbytes(obj: Any) -> int:  # tied weights are written once
+        return sum({t.data_ptr(): t.numel() * t.element_size() for _, t in _tensors(obj, "")}.values())
+
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    return weight_seconds * nbytes(dict(getattr(opt, "state", {}))) / max(nbytes(trainer.model.state_dict()), 1)
+
+
+def _save_state_without_optimizer(trainer: Any, out: Path, main: bool) -> None:
+    """Everything `compat.save_training_state` writes but the optimizer state: the scheduler (as
+    the Trainer saves it), the AMP scaler and every rank's RNG state."""
+    if main and trainer.lr_scheduler is not None:
+        torch.save(trainer.lr_scheduler.state_dict(), str(out / "scheduler.pt"))
+    compat.save_training_state(trainer, str(out), optimizer=False)
+
+
+def restore_scheduler_without_optimizer(trainer: Any, checkpoint: str | os.PathLike | None) -> bool:
+    """After the Trainer's `_load_optimizer_and_scheduler`: a fast state without the optimizer
+    state makes it load neither, so the LR schedule would restart at its first step; load the
+    scheduler, and put its last LR into the fresh optimizer's groups (the Trainer gets them from the
+    optimizer state it loads). True when this was such a checkpoint."""
+    info = resume_info(checkpoint) if checkpoint else None
+    if not info or "optimizer" not in info["omitted"] or trainer.lr_scheduler is None:
+        return False
+    f = Path(checkpoint) / "scheduler.pt"
+    if f.is_file():
+        trainer.lr_scheduler.load_state_dict(torch.load(str(f), map_location="cpu", weights_only=True))
+        opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        for group, lr in zip(opt.param_groups, trainer.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    return True
+
+
+def preemption_checkpoint(trainer: Any, step: int, deadline: float | None = None,
+                          full_seconds: float | None = None) -> tuple[Path | None, str | None]:
     """After the Trainer's save at a preemption (`step` finished): the checkpoint a relaunch will
     resume from, and what was wrong on the way (None when nothing was).
 
     The Trainer's `checkpoint-<step>` when it verifies. It does not with `save_only_model=True`
     (no optimizer, scheduler or RNG state: a resume from it would silently restart the optimizer,
-    and auto-resume refuses it), nor when the save was cut short: then the in-memory state, which
-    is exactly that of the finished step, is written as a full resume checkpoint in the plugin's
-    own directory (`resume-step-<step>`), which `latest_verified_checkpoint` finds. Every rank
-    calls this; the ranks agree on whether the fallback is needed before any of them writes."""
+    and auto-resume refuses it), nor when the save was cut short or skipped: then the in-memory
+    state, which is exactly that of the finished step, is written as a resume checkpoint in the
+    plugin's own directory (`resume-step-<step>`), which `latest_verified_checkpoint` finds: a full
+    one when the run's own save time (`full_seconds`) fits before `deadline` (the end of the
+    preemption grace), else the fast state (`write_resume_checkpoint`'s `deadline`), kept when it
+    was already written at the step's end. Every rank calls this; the main process decides and
+    the ranks agree before any of them writes."""
     from .distributed import agree_max
 
+    main = bool(getattr(trainer.args, "should_save", True))
     user = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    fast = Path(trainer.args.output_dir) / PLUGIN_DIR / f"resume-step-{step}"
     ok, why = verify_checkpoint(user)
     if agree_max(0.0 if ok else 1.0) == 0.0:
+        if main and resume_info(fast) is not None:  # a fast state of this step, superseded by the full one
+            shutil.rmtree(fast, ignore_errors=True)
         return user, None
-    if bool(getattr(trainer.args, "should_save", True)):
+    problem = f"{user.name}: {why}"
+    fits = deadline is None or full_seconds is None or time.monotonic() + FAST_STATE_SAFETY * full_seconds <= deadline
+    have_fast = resume_info(fast) is not None and verify_checkpoint(fast)[0]
+    go_fast = agree_max(1.0 if main and not fits and fast_state_possible(trainer) else 0.0) > 0
+    if go_fast and not agree_max(1.0 if main and have_fast else 0.0):
+        left = deadline - time.monotonic() if deadline is not None else float("nan")
+        if main:
+            logger.warning("self-healing: a full checkpoint of step %s takes ~%.1fs here, more than the %.1fs of "
+                           "preemption grace left: writing the fastest resumable state first", step, full_seconds,
+                           left)
+        try:
+            write_resume_checkpoint(trainer, step, deadline=deadline)
+        except Exception as e:  # noqa: BLE001 - the full one below is the fallback
+            problem += f"; the fast resumable state could not be written ({type(e).__name__}: {e})"
+            go_fast = False
+        else:
+            ok, why_fast = verify_checkpoint(fast)
+            if not ok:
+                problem += f"; the fast resumable state {fast} does not verify ({why_fast})"
+                go_fast = False
+        if go_fast:  # the full one only if there is time for it still
+            go_fast = agree_max(1.0 if main and time.monotonic() + FAST_STATE_SAFETY * full_seconds > deadline
+                                else 0.0) > 0
+    if go_fast:
+        info = resume_info(fast) or {}
+        left_out = ", ".join(info.get("omitted") or ()) or "nothing the resume reads"
+        return fast, (f"{problem}; the full checkpoint (~{full_seconds:.1f}s, the run's own saves) did not fit in the "
+                      f"preemption grace: the fast resumable state {fast.name} was written instead (left out: "
+                      f"{left_out})")
+    if main:
         logger.warning("self-healing: the preemption checkpoint %s cannot be resumed from (%s)%s; writing a full "
                        "resume checkpoint (weights, optimizer, scheduler, RNG, trainer state) of step %s", user, why,
                        " because save_only_model=True" if getattr(trainer.args, "save_only_model", False) else "",
                        step)
-    problem = f"{user.name}: {why}"
     try:
         path = write_resume_checkpoint(trainer, step)
     except Exception as e:  # noqa: BLE001 - the caller reports it; the run is stopping either way
@@ -258,6 +375,12 @@ def preemption_checkpoint(trainer: Any, step: int) -> tuple[Path | None, str | N
     if not ok:
         return None, f"{problem}; the full resume checkpoint {path} does not verify either ({why})"
     return path, problem
+
+
+def fast_state_possible(trainer: Any) -> bool:
+    """The fast state leaves the optimizer state out; a sharded one (FSDP, DeepSpeed) is saved and
+    loaded by collectives of its own, which it does not attempt."""
+    return not (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
 
 
 def prune_resume_checkpoints(output_dir: str | os.PathLike, keep: Path) -> list[str]:

@@ -33,7 +33,7 @@ from .diagnosis import Action, Diagnosis, FailureKind, diagnose_exception, excep
 from .distributed import RankFailure, recover_fsdp_iteration
 from .postmortem import load_postmortem
 from .snapshot import _rng_state, _set_rng_state
-from .watchdog import PreemptedInEvaluation
+from .watchdog import PreemptedInEvaluation, fast_state_info
 
 logger = logging.getLogger("self_healing")
 
@@ -334,8 +334,10 @@ class SelfHealingTrainer:
         wd = cb.watchdog.watchdog if cb.watchdog is not None else None
         if wd is not None:
             wd.beat("preemption")
-        # the Trainer's checkpoint, or (save_only_model=True, a save cut short) a full resume one
-        ckpt, why = preemption_checkpoint(t, cb.preempted_at)
+        # the Trainer's checkpoint, or (save_only_model=True, a save cut short or skipped) a resume one of
+        # the plugin's: full when the run's own save time fits in the grace left, else the fastest state
+        deadline, full = wd.save_plan() if wd is not None else (None, None)
+        ckpt, why = preemption_checkpoint(t, cb.preempted_at, deadline=deadline, full_seconds=full)
         name = signal.Signals(cb.preempt_signal).name
         extra = {"signal": name, "checkpoint": str(ckpt) if ckpt else None, "checkpoint_problem": why}
         if wd is not None and wd.preempt_time is not None:  # signal -> verified checkpoint on disk
@@ -344,7 +346,8 @@ class SelfHealingTrainer:
                                    "grace_seconds": self.config.preemption_grace_seconds,
                                    "within_grace": took <= self.config.preemption_grace_seconds,
                                    "evaluation_aborted": bool(cb.recorder.extra.pop("evaluation_aborted", False)),
-                                   "estimate_at_signal": wd.grace_estimate}
+                                   "estimate_at_signal": wd.grace_estimate,
+                                   "fast_state": fast_state_info(ckpt)}
         self.postmortem = cb.finish("interrupted", extra=extra)
         if ckpt is None:
             logger.error("self-healing: %s: NO resumable checkpoint of step %s (%s): a relaunch cannot resume this "
@@ -383,6 +386,11 @@ class SelfHealingTrainer:
         self.callback.recorder.extra["resumed"] = {"previous_exit_reason": prev.get("exit_reason"),
                                                    "from": str(ckpt) if ckpt else None, "skipped": skipped,
                                                    "previous_last_step": prev.get("last_step")}
+        fast = fast_state_info(ckpt)
+        if fast is not None:  # written at a preemption whose grace could not hold a full checkpoint
+            self.callback.recorder.extra["resumed"]["not_restored"] = fast["omitted"]
+            if fast.get("not_saved"):
+                logger.warning("self-healing: resuming from a fast resumable state: %s", fast["not_saved"])
         if ckpt is None:
             logger.warning("self-healing: the last run in %s ended with %r but left no verified checkpoint; "
                            "starting from scratch", out, prev.get("exit_reason"))

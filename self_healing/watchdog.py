@@ -338,6 +338,17 @@ class Watchdog:
                            "the scheduler's kill delay (Slurm KillWait, spot notice), or save faster", phase,
                            left or 0.0, save or 0.0, grace, self.config.preemption_grace_seconds)
 
+    def save_plan(self) -> tuple[float | None, float | None]:
+        """At a preemption: (the `time.monotonic()` by which its checkpoint must be on disk, the
+        run's typical save in seconds): the grace less a reserve for the postmortem and the exit,
+        and the median of this launch's saves (None before the first one, or without a signal)."""
+        if self.preempt_time is None:
+            return None, None
+        grace = float(self.config.preemption_grace_seconds)
+        saves = sorted(self._history.get("save") or ())
+        return (self.preempt_time + grace - min(2.0, 0.1 * grace),
+                saves[len(saves) // 2] if saves else None)
+
     def on_preempt_signal(self) -> None:
         """Called from the signal handler: the grace starts now."""
         if self.preempt_time is None:
@@ -574,19 +585,34 @@ class Watchdog:
         path = self._dump(step, r, summary, stack)
         self.tripped = {"phase": phase, "step": step}
         self._hang_spent = 0.0
+        fast = self._fast_state()
+        if fast is not None:
+            summary += f"; the fast resumable state {fast} was written before (a relaunch resumes from it)"
         logger.error("self-healing: %s; stacks in %s; exiting now", summary, path)
         try:
-            self.cb.finish("interrupted", extra={"signal": name, "checkpoint": None,
+            self.cb.finish("interrupted", extra={"signal": name, "checkpoint": str(fast) if fast else None,
                                                  "checkpoint_problem": summary,
                                                  "preemption": {"grace_seconds": self.config.preemption_grace_seconds,
                                                                 "seconds_since_signal": round(since_signal, 2),
                                                                 "grace_exceeded": True, "phase": phase,
                                                                 "dump": str(path) if path else None,
+                                                                "fast_state": fast_state_info(fast),
                                                                 "stack": stack}})
         except Exception as exc:  # noqa: BLE001
             logger.error("self-healing: the postmortem could not be written (%s: %s)", type(exc).__name__, exc)
         sys.stderr.flush()
         self.exit(128 + int(sig))
+
+    def _fast_state(self) -> Path | None:
+        """The verified fast resumable state of the preemption in progress, if one was written."""
+        from .checkpoints import PLUGIN_DIR, resume_info, verify_checkpoint
+
+        at = getattr(self.cb, "preempted_at", None)
+        t = getattr(self.cb, "trainer", None)
+        if at is None or t is None:
+            return None
+        p = Path(t.args.output_dir) / PLUGIN_DIR / f"resume-step-{at}"
+        return p if resume_info(p) is not None and verify_checkpoint(p, check_finite=False)[0] else None
 
     def _bound_reason(self, phase: str) -> str:
         cfg = self.config
@@ -877,6 +903,20 @@ def _ranks_behind(ranks: dict[str, dict[str, Any]]) -> list[str]:
     return [r for r, k in keys.items() if k == lo] if lo != hi else []
 
 
+def fast_state_info(path: Path | None) -> dict[str, Any] | None:
+    """The postmortem's account of a fast resumable state: where, what it left out, what that means."""
+    from .checkpoints import resume_info
+
+    info = resume_info(path) if path is not None else None
+    if info is None:
+        return None
+    out = {"path": str(path), "omitted": info["omitted"]}
+    if "optimizer" in info["omitted"]:
+        out["not_saved"] = ("the optimizer state (Adam's moments): the relaunch re-initialises it; weights, LR "
+                            "schedule, RNG and data position resume exactly")
+    return out
+
+
 def _looks_like_peer_loss(error: BaseException) -> bool:
     """Does this exception (or one in its chain) look like a collective that lost a peer?"""
     seen = 0
@@ -1025,6 +1065,23 @@ class WatchdogHooks:
             if hasattr(t, gen):
                 around(gen, "generation", after="train_step")
                 break
+        if hasattr(t, "_load_optimizer_and_scheduler") and "_load_optimizer_and_scheduler" not in cb._wrapped:
+            cb._wrap("_load_optimizer_and_scheduler", self._load_with_fast_state)
+
+    def _load_with_fast_state(self, orig):
+        """A resume from a fast state without the optimizer state: the Trainer then loads neither it nor
+        the scheduler; the scheduler is loaded here (the optimizer starts afresh, said once)."""
+        from .checkpoints import restore_scheduler_without_optimizer
+
+        def _load_optimizer_and_scheduler(checkpoint, *args, **kwargs):
+            out = orig(checkpoint, *args, **kwargs)
+            if not self.cb.passthrough and restore_scheduler_without_optimizer(self.cb.trainer, checkpoint):
+                logger.warning("self-healing: %s is a fast resumable state written at a preemption without the "
+                               "optimizer state: the LR schedule, RNG and data position resume exactly; the "
+                               "optimizer's moments start afresh", checkpoint)
+            return out
+
+        return _load_optimizer_and_scheduler
 
     # --- observer API of SelfHealingCallback --------------------------------------------------------
     def on_step(self, step: int, signals: Any, info: dict[str, Any]) -> None:
@@ -1053,6 +1110,8 @@ class WatchdogHooks:
             return control
         wd.beat("after_step", state.global_step)
         wd.step_ended(state.global_step)
+        if self.cb.preempted_at == state.global_step and control.should_save:
+            self._fast_state_first(state, control)
         if not self._warned_long_run and state.global_step == self._warn_at:
             self._warned_long_run = True
             self._warn_no_checkpoints(args, state)
@@ -1096,6 +1155,47 @@ class WatchdogHooks:
 
     def on_train_end(self, args, state, control, **kwargs):
         return control
+
+    # --- preemption: the fastest resumable state first -------------------------------------------------
+    def _fast_state_first(self, state, control) -> None:
+        """The step is done and the Trainer is about to checkpoint for a preemption: when the run's
+        own save time says that checkpoint will not fit in the grace left, write the fastest state a
+        relaunch can resume from first (`write_resume_checkpoint`'s `deadline`), then let the
+        Trainer's full checkpoint go ahead only if there is still time for it."""
+        from .checkpoints import FAST_STATE_SAFETY, fast_state_possible, verify_checkpoint, write_resume_checkpoint
+        from .distributed import agree_max, rank
+
+        wd, t = self.watchdog, self.cb.trainer
+        deadline, full = wd.save_plan()
+        main = rank() == 0
+
+        def too_long() -> float:
+            late = deadline is not None and full is not None and time.monotonic() + FAST_STATE_SAFETY * full > deadline
+            return 1.0 if main and late else 0.0
+
+        if not fast_state_possible(t) or not agree_max(too_long()):
+            return
+        logger.warning("self-healing: preemption: a checkpoint takes ~%.1fs here (this run's saves), more than the "
+                       "%.1fs of grace left: writing the fastest resumable state of step %s first", full,
+                       deadline - time.monotonic(), state.global_step)
+        wd.beat("preemption", state.global_step)
+        try:
+            path = write_resume_checkpoint(t, state.global_step, deadline=deadline)
+            ok, why = verify_checkpoint(path)
+        except Exception as exc:  # noqa: BLE001 - the Trainer's own checkpoint is still attempted
+            logger.error("self-healing: the fast resumable state could not be written (%s: %s)", type(exc).__name__,
+                         exc)
+            ok = False
+        wd.beat("after_step", state.global_step)
+        if not ok:
+            return
+        info = fast_state_info(path) or {}
+        logger.warning("self-healing: fast resumable state %s written and verified%s", path,
+                       f" (left out: {', '.join(info['omitted'])})" if info.get("omitted") else "")
+        if agree_max(too_long()):
+            control.should_save = False
+            logger.warning("self-healing: the full checkpoint is skipped: ~%.1fs, %.1fs of grace left", full,
+                           deadline - time.monotonic())
 
     # --- preemption during evaluation ----------------------------------------------------------------
     def _maybe_abort_evaluation(self, state, control) -> None:

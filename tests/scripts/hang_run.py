@@ -2,11 +2,13 @@
 
     python hang_run.py OUTPUT_DIR MODE MAX_STEPS
 
-MODE: "forward" (the model's forward sleeps forever at step 8), "data" (the dataset blocks forever
-while building step 8's batch), "slow_eval" (every evaluation step takes a second: a SIGTERM
-during it must abort it), "none". Each fault strikes once per output dir (a marker file), so the
+MODE: "forward" (the model's forward sleeps forever at step 30), "data" (the dataset blocks forever
+while building step 30's batch), "slow_eval" (every evaluation step takes a second: a 60 s
+evaluation, which a SIGTERM during it must abort), "none". Each fault strikes once per output dir (a marker file), so the
 same command run again is the relaunch. Prints "STEP n" after each step, "EVAL n" after each
-prediction step, "DONE step exit_reason" at the end. "steady": 0.1 s per training forward.
+prediction step, "DONE step exit_reason" at the end. "steady": 0.1 s per training forward; "faults":
+the same, and the first launch has a NaN loss (skipped), NaN weights (rolled back) and an OOM (the
+batch halved).
 """
 import sys
 import time
@@ -21,7 +23,7 @@ from transformers import TrainerCallback  # noqa: E402
 from self_healing import HealingConfig, SelfHealingTrainer  # noqa: E402
 from self_healing.tiny import build_trainer, sft_dataset  # noqa: E402
 
-HANG_AT = 8
+HANG_AT = 30
 
 
 class Progress(TrainerCallback):
@@ -60,7 +62,7 @@ def main(output_dir: str, mode: str, max_steps: int) -> None:
     out = Path(output_dir)
     extra = {}
     if mode == "slow_eval":
-        extra = dict(eval_dataset=sft_dataset(96, seed=1), per_device_eval_batch_size=8, eval_strategy="steps",
+        extra = dict(eval_dataset=sft_dataset(480, seed=1), per_device_eval_batch_size=8, eval_strategy="steps",
                      eval_steps=6)
     tr = build_trainer("trainer", output_dir=output_dir, max_steps=max_steps, save_strategy="steps", save_steps=5,
                        callbacks=[Progress()], **extra)
@@ -70,10 +72,18 @@ def main(output_dir: str, mode: str, max_steps: int) -> None:
                 time.sleep(3600)  # a collective waiting on a dead rank, a generation that never returns
 
         tr.model.register_forward_pre_hook(sleep_forever)
-    if mode == "steady":  # 0.1 s of compute per step, so a test can kill it mid-run
+    if mode in ("steady", "faults"):  # 0.1 s of compute per step, so a test can kill it mid-run
         tr.model.register_forward_pre_hook(lambda module, args: time.sleep(0.1) if module.training else None)
+    if mode == "faults" and once(out, "faults"):  # the first launch: a NaN skip, a rollback, an OOM batch change
+        from self_healing.faults import Fault, inject_faults
+
+        bs0 = tr.args.per_device_train_batch_size
+        inject_faults(tr, Fault("nan_loss", step=4), Fault("nan_weight", step=9),
+                      Fault("exception", step=13, times=1,
+                            exception=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                            when=lambda t, inputs: t.args.per_device_train_batch_size == bs0))
     if mode == "data":
-        # accelerate's dataloader reads one batch ahead: step 8's fetch is the one that reads batch 9
+        # accelerate's dataloader reads one batch ahead: step 30's fetch is the one that reads batch 31
         tr.train_dataset = BlockingData(tr.train_dataset, out, HANG_AT * tr.args.per_device_train_batch_size)
     if mode == "slow_eval" and not (out / "fault-slow_eval").exists():
         def slow_eval(module, args):
