@@ -54,21 +54,32 @@ def test_goodput_of_a_run_with_a_nan_skip_a_rollback_and_an_oom_adds_up(tmp_path
     assert format_postmortem(pm).splitlines()[1].startswith("  goodput: ")
 
 
-def test_job_goodput_carries_across_a_kill_and_a_relaunch(tmp_path):
+def test_job_goodput_of_a_nan_skip_a_rollback_an_oom_and_a_kill_and_relaunch_adds_up(tmp_path):
+    """The Done-when run: one job with a NaN skip, a rollback, an OOM batch change, then a SIGKILL and
+    a relaunch; its goodput is in the postmortem and the report, and the parts sum to the wall time."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(SCRIPT), str(out), "steady", "30"]
+    cmd = [sys.executable, str(SCRIPT), str(out), "faults", "40"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     hb = out / "self-healing" / "heartbeat-rank0.json"
-    for line in p.stdout:  # once a heartbeat file has seen a few steps (they are written every second here)
-        if line.startswith("STEP ") and hb.is_file() and (json.loads(hb.read_text())["step"] or 0) >= 6:
+
+    def seen_all_faults() -> bool:  # the heartbeat file (written every second here) has the three failures
+        if not hb.is_file():
+            return False
+        g = json.loads(hb.read_text())
+        lost = (g.get("goodput") or {}).get("launch", {}).get("lost_seconds", {})
+        return (g["step"] or 0) >= 16 and all(lost.get(k, 0) > 0 for k in ("skipped", "rolled_back", "failed"))
+
+    for line in p.stdout:
+        if line.startswith("STEP ") and seen_all_faults():
             p.send_signal(signal.SIGKILL)  # no postmortem, no goodput of its own: its heartbeat file is what is left
             break
     p.wait(timeout=60)
     killed_at = json.loads(hb.read_text())
+    assert p.returncode == -signal.SIGKILL, "the run ended before the heartbeat showed the three failures"
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "DONE 30 completed" in again.stdout
+    assert "DONE 40 completed" in again.stdout
     pm = load_postmortem(out)
     assert pm["resumed"]["previous_exit_reason"] == "killed" and "checkpoint-" in pm["resumed"]["from"]
     g = pm["goodput"]
@@ -78,13 +89,14 @@ def test_job_goodput_carries_across_a_kill_and_a_relaunch(tmp_path):
     assert job["launches"] == 2 and job["wall_seconds"] > launch["wall_seconds"]
     assert job["seconds"]["between_launches"] > 0  # from the killed launch's last heartbeat to this start
     before = killed_at["goodput"]["launch"]["seconds"]  # the killed launch, as its last heartbeat saw it
-    assert before["productive"] > 0
-    assert job["seconds"]["productive"] == pytest.approx(launch["seconds"]["productive"] + before["productive"],
-                                                         abs=2e-3)
+    assert before["productive"] > 0 and before["lost"] > 0 and before["recovery"] > 0
+    for part in ("productive", "lost", "recovery"):  # the first launch's failures stay in the job's badput
+        assert job["seconds"][part] == pytest.approx(launch["seconds"][part] + before[part], abs=2e-3)
     if pm["resumed"]["previous_last_step"] > int(pm["resumed"]["from"].rsplit("-", 1)[1]):
         assert launch["lost_seconds"]["recomputed"] > 0  # the steps after the checkpoint, done again
     assert job["goodput"] < launch["goodput"]
-    assert "job goodput" in format_postmortem(pm).splitlines()[2]
+    report = format_postmortem(pm).splitlines()
+    assert report[1].startswith("  goodput: ") and "job goodput" in report[2]
 
 
 def test_any_goodput_hang_or_straggler_block_is_reported_without_crashing():
