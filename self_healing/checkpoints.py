@@ -39,8 +39,9 @@ RESUME_INFO = "self-healing-resume.json"
 """In a resume checkpoint of the plugin's that leaves something out (the fast state written at a
 preemption whose grace cannot hold a full checkpoint): what was left out and why. Verification
 accepts the missing optimizer state only with it; auto-resume reports it."""
-FAST_STATE_SAFETY = 1.25
-"""A part is written only when this times its estimated seconds still fits before the deadline."""
+FAST_STATE_SAFETY = 1.1
+"""The optimizer state goes into the fast state only when this times its estimate (at the rate the
+weights were just written) still fits before the deadline."""
 _STEP_RE = re.compile(r"(?:checkpoint|resume-step)-(\d+)$")
 
 
@@ -319,7 +320,7 @@ def preemption_checkpoint(trainer: Any, step: int, deadline: float | None = None
     and auto-resume refuses it), nor when the save was cut short or skipped: then the in-memory
     state, which is exactly that of the finished step, is written as a resume checkpoint in the
     plugin's own directory (`resume-step-<step>`), which `latest_verified_checkpoint` finds: a full
-    one when the run's own save time (`full_seconds`) fits before `deadline` (the end of the
+    one when the run's own save time (`full_seconds`, its longest recent save) fits before `deadline` (the end of the
     preemption grace), else the fast state (`write_resume_checkpoint`'s `deadline`), kept when it
     was already written at the step's end. Every rank calls this; the main process decides and
     the ranks agree before any of them writes."""
@@ -334,7 +335,7 @@ def preemption_checkpoint(trainer: Any, step: int, deadline: float | None = None
             shutil.rmtree(fast, ignore_errors=True)
         return user, None
     problem = f"{user.name}: {why}"
-    fits = deadline is None or full_seconds is None or time.monotonic() + FAST_STATE_SAFETY * full_seconds <= deadline
+    fits = not too_late(deadline, full_seconds)
     have_fast = resume_info(fast) is not None and verify_checkpoint(fast)[0]
     go_fast = agree_max(1.0 if main and not fits and fast_state_possible(trainer) else 0.0) > 0
     if go_fast and not agree_max(1.0 if main and have_fast else 0.0):
@@ -354,8 +355,7 @@ def preemption_checkpoint(trainer: Any, step: int, deadline: float | None = None
                 problem += f"; the fast resumable state {fast} does not verify ({why_fast})"
                 go_fast = False
         if go_fast:  # the full one only if there is time for it still
-            go_fast = agree_max(1.0 if main and time.monotonic() + FAST_STATE_SAFETY * full_seconds > deadline
-                                else 0.0) > 0
+            go_fast = agree_max(1.0 if main and too_late(deadline, full_seconds) else 0.0) > 0
     if go_fast:
         info = resume_info(fast) or {}
         left_out = ", ".join(info.get("omitted") or ()) or "nothing the resume reads"
@@ -375,6 +375,11 @@ def preemption_checkpoint(trainer: Any, step: int, deadline: float | None = None
     if not ok:
         return None, f"{problem}; the full resume checkpoint {path} does not verify either ({why})"
     return path, problem
+
+
+def too_late(deadline: float | None, seconds: float | None) -> bool:
+    """Would `seconds` of work started now end after `deadline`? False when either is unknown."""
+    return deadline is not None and seconds is not None and time.monotonic() + seconds > deadline
 
 
 def fast_state_possible(trainer: Any) -> bool:

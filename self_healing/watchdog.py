@@ -339,15 +339,14 @@ class Watchdog:
                            left or 0.0, save or 0.0, grace, self.config.preemption_grace_seconds)
 
     def save_plan(self) -> tuple[float | None, float | None]:
-        """At a preemption: (the `time.monotonic()` by which its checkpoint must be on disk, the
-        run's typical save in seconds): the grace less a reserve for the postmortem and the exit,
-        and the median of this launch's saves (None before the first one, or without a signal)."""
+        """At a preemption: (the `time.monotonic()` by which its checkpoint must be on disk, what a
+        save takes here in seconds): the grace less a reserve for the postmortem and the exit, and
+        the longest of this launch's last 8 saves (None before the first one, or without a signal)."""
         if self.preempt_time is None:
             return None, None
         grace = float(self.config.preemption_grace_seconds)
-        saves = sorted(self._history.get("save") or ())
-        return (self.preempt_time + grace - min(2.0, 0.1 * grace),
-                saves[len(saves) // 2] if saves else None)
+        saves = list(self._history.get("save") or ())[-8:]
+        return self.preempt_time + grace - min(2.0, 0.1 * grace), (max(saves) if saves else None)
 
     def on_preempt_signal(self) -> None:
         """Called from the signal handler: the grace starts now."""
@@ -1162,7 +1161,7 @@ class WatchdogHooks:
         own save time says that checkpoint will not fit in the grace left, write the fastest state a
         relaunch can resume from first (`write_resume_checkpoint`'s `deadline`), then let the
         Trainer's full checkpoint go ahead only if there is still time for it."""
-        from .checkpoints import FAST_STATE_SAFETY, fast_state_possible, verify_checkpoint, write_resume_checkpoint
+        from .checkpoints import fast_state_possible, too_late, verify_checkpoint, write_resume_checkpoint
         from .distributed import agree_max, rank
 
         wd, t = self.watchdog, self.cb.trainer
@@ -1170,8 +1169,7 @@ class WatchdogHooks:
         main = rank() == 0
 
         def too_long() -> float:
-            late = deadline is not None and full is not None and time.monotonic() + FAST_STATE_SAFETY * full > deadline
-            return 1.0 if main and late else 0.0
+            return 1.0 if main and too_late(deadline, full) else 0.0
 
         if not fast_state_possible(t) or not agree_max(too_long()):
             return

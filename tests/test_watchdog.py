@@ -78,6 +78,12 @@ def test_a_dataloader_that_never_returns_is_a_hung_exit(tmp_path):
     assert any("__getitem__" in line for line in pm["hang"]["stack"])
     assert (out / "self-healing" / "hang-30-rank0.txt").is_file()
 
+    again = _launch(out, "data", steps=36)
+    stdout, stderr = again.communicate(timeout=150)
+    assert again.returncode == 0, stderr[-3000:]
+    assert _steps(stdout)[0] == 26 and "DONE 36 completed" in stdout  # from checkpoint-25
+    assert load_postmortem(out)["resumed"]["from"].endswith("checkpoint-25")
+
 
 def test_sigterm_during_a_long_evaluation_checkpoints_within_the_grace_and_the_relaunch_resumes(tmp_path):
     out = tmp_path / "run"
@@ -368,10 +374,10 @@ def _slow_disk(tr, weights=1.0, optimizer=2.0):
     tr.save_model, tr._save_optimizer_and_scheduler = slow_model, slow_opt
 
 
-@pytest.mark.parametrize("grace,upload,omitted", [(3.0, 0.0, ["optimizer"]), (6.0, 2.0, [])])
+@pytest.mark.parametrize("grace,upload,omitted", [(3.0, 0.0, ["optimizer"]), (6.0, 3.0, [])])
 def test_a_checkpoint_too_slow_for_the_grace_writes_the_fastest_resumable_state_and_the_relaunch_resumes(
         tmp_path, grace, upload, omitted):
-    """Saves take ~3 s here (weights 1 s, optimizer 2 s; + a 2 s upload in the second case) against a
+    """Saves take ~3 s here (weights 1 s, optimizer 2 s; + a 3 s upload in the second case) against a
     grace of 3 s (6 s): at the SIGTERM the weights, scheduler, RNG and trainer state go first, the
     optimizer state only where it fits (second case), the full checkpoint is skipped, and the
     relaunch resumes from that state, LR schedule included (was: the full save ran past the grace, no
@@ -413,6 +419,32 @@ def test_a_checkpoint_too_slow_for_the_grace_writes_the_fastest_resumable_state_
     assert pm2["resumed"]["from"] == str(fast) and pm2["resumed"]["not_restored"] == omitted
     assert tr2.lr_scheduler.last_epoch == 12  # the schedule resumed at step 7, not at 0
     assert (out / "checkpoint-10").is_dir()
+
+
+def test_a_sigterm_in_an_evaluation_on_a_slow_disk_writes_the_fastest_resumable_state(tmp_path):
+    """The evaluation is aborted and there is no Trainer checkpoint of the step: the plugin's own,
+    written by `preemption_checkpoint`, is the fast state too when the full one cannot fit."""
+    from transformers import TrainerCallback
+
+    class Preempt(TrainerCallback):
+        def on_prediction_step(self, args, state, control, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "run"
+    tr = build_trainer("trainer", output_dir=str(out), max_steps=12, save_strategy="steps", save_steps=5,
+                       eval_dataset=sft_dataset(64, seed=1), per_device_eval_batch_size=8, eval_strategy="steps",
+                       eval_steps=6, callbacks=[Preempt()])
+    _slow_disk(tr)
+    sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5, exit_on_preemption=False,
+                                              preemption_grace_seconds=3.0))
+    exits = []
+    sh.callback.watchdog.watchdog.exit = exits.append
+    sh.train()
+    pm = read_postmortem(sh)
+    assert not exits and pm["last_step"] == 6 and pm["preemption"]["evaluation_aborted"]
+    assert pm["checkpoint"] == str(out / "self-healing" / "resume-step-6") and verify_checkpoint(pm["checkpoint"])[0]
+    assert pm["preemption"]["fast_state"]["omitted"] == ["optimizer"] and pm["preemption"]["within_grace"]
+    assert "did not fit in the preemption grace" in pm["checkpoint_problem"]
 
 
 def test_when_the_grace_runs_out_after_a_fast_state_the_postmortem_names_it(tmp_path):
