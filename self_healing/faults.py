@@ -128,12 +128,90 @@ def _raise_where(f: Fault, exc: BaseException) -> str:
     return "step" if transient else "forward"
 
 
-class FaultInjector(TrainerCallback):
-    """Installs the faults on one trainer; `fired` lists what was injected and when."""
+class _Injection:
+    """What every injector shares: which faults are due at a step, the record of what fired, and
+    the faults themselves on a model, optimizer and scheduler (whoever owns them)."""
 
     def __init__(self, *faults: Fault) -> None:
         self.faults = list(faults)
         self.fired: list[dict[str, Any]] = []
+
+    def _current_step(self) -> int:
+        raise NotImplementedError
+
+    def _process_index(self) -> int:
+        raise NotImplementedError
+
+    def _objects(self) -> tuple[Any, Any, Any]:
+        """(model, optimizer, scheduler) the faults act on."""
+        raise NotImplementedError
+
+    def _on_this_rank(self, f: Fault) -> bool:
+        return f.rank is None or self._process_index() == f.rank
+
+    def _active(self, *kinds: str) -> list[Fault]:
+        step = self._current_step()
+        return [f for f in self.faults if f.kind in kinds and f.active(step) and self._on_this_rank(f)]
+
+    def _fire(self, f: Fault, **info: Any) -> None:
+        f.fired_count += 1
+        step = self._current_step()
+        if not self.fired or self.fired[-1]["step"] != step or self.fired[-1]["kind"] != f.kind:
+            self.fired.append({"kind": f.kind, "step": step, **info})
+
+    def _gradient_faults(self) -> None:
+        """After backward: `nan_grad`, `grad_scale`."""
+        model = self._objects()[0]
+        for f in self._active("nan_grad", "grad_scale"):
+            with torch.no_grad():
+                if f.kind == "nan_grad":
+                    name, p = _pick_param(model, f.param)
+                    if p.grad is not None:
+                        local_tensor(p.grad).fill_(float("nan"))
+                else:
+                    grads = [local_tensor(p.grad) for p in model.parameters() if p.grad is not None]
+                    compat.foreach_mul_(grads, f.factor)
+            self._fire(f)
+
+    def _state_faults(self, step: int) -> None:
+        """Before the forward of `step`: faults on weights, optimizer state and LR."""
+        model, optimizer, _ = self._objects()
+        for f in self.faults:
+            if not f.active(step) or not self._on_this_rank(f):
+                continue
+            with torch.no_grad():
+                if f.kind == "nan_weight":
+                    name, p = _pick_param(model, f.param)
+                    local_tensor(p).fill_(float("nan"))  # under FSDP2: this rank's shard
+                    self._fire(f, param=name)
+                elif f.kind == "weight_scale":
+                    ps = [local_tensor(p) for n, p in model.named_parameters()
+                          if p.requires_grad and (f.param is None or f.param in n)]
+                    compat.foreach_mul_(ps, f.factor)
+                    self._fire(f)
+                elif f.kind == "zero_exp_avg_sq":
+                    opt = unwrap_optimizer(optimizer)
+                    for st in opt.state.values():
+                        if "exp_avg_sq" in st:
+                            local_tensor(st["exp_avg_sq"]).zero_()
+                    self._fire(f)
+                elif f.kind == "lr_scale":
+                    for g in unwrap_optimizer(optimizer).param_groups:
+                        g["lr"] = g["lr"] * f.factor
+                    self._fire(f)
+                elif f.kind == "weight_drift":
+                    compat.foreach_mul_([local_tensor(p) for n, p in model.named_parameters()
+                                         if p.requires_grad and (f.param is None or f.param in n)], f.factor)
+                    self._fire(f)
+                elif f.kind == "lr_ramp":
+                    self._ramp_lr(f, step)
+
+
+class FaultInjector(_Injection, TrainerCallback):
+    """Installs the faults on one trainer; `fired` lists what was injected and when."""
+
+    def __init__(self, *faults: Fault) -> None:
+        super().__init__(*faults)
         self.trainer: Any = None
 
     def install(self, trainer: Any) -> "FaultInjector":
@@ -175,16 +253,7 @@ class FaultInjector(TrainerCallback):
             finally:
                 if hook is not None:
                     hook.remove()
-            for f in injector._active("nan_grad", "grad_scale"):
-                with torch.no_grad():
-                    if f.kind == "nan_grad":
-                        name, p = _pick_param(trainer.model, f.param)
-                        if p.grad is not None:
-                            local_tensor(p.grad).fill_(float("nan"))
-                    else:
-                        grads = [local_tensor(p.grad) for p in trainer.model.parameters() if p.grad is not None]
-                        compat.foreach_mul_(grads, f.factor)
-                injector._fire(f)
+            injector._gradient_faults()
             return loss
 
         trainer.compute_loss = compute_loss
@@ -195,58 +264,23 @@ class FaultInjector(TrainerCallback):
     def _current_step(self) -> int:
         return self.trainer.state.global_step + 1
 
-    def _on_this_rank(self, f: Fault) -> bool:
-        return f.rank is None or getattr(self.trainer.args, "process_index", 0) == f.rank
+    def _process_index(self) -> int:
+        return getattr(self.trainer.args, "process_index", 0)
 
-    def _active(self, *kinds: str) -> list[Fault]:
-        step = self._current_step()
-        return [f for f in self.faults if f.kind in kinds and f.active(step) and self._on_this_rank(f)]
-
-    def _fire(self, f: Fault, **info: Any) -> None:
-        f.fired_count += 1
-        step = self._current_step()
-        if not self.fired or self.fired[-1]["step"] != step or self.fired[-1]["kind"] != f.kind:
-            self.fired.append({"kind": f.kind, "step": step, **info})
+    def _objects(self) -> tuple[Any, Any, Any]:
+        t = self.trainer
+        return t.model, t.optimizer, t.lr_scheduler
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        step = state.global_step + 1
-        for f in self.faults:
-            if not f.active(step) or not self._on_this_rank(f):
-                continue
-            with torch.no_grad():
-                if f.kind == "nan_weight":
-                    name, p = _pick_param(self.trainer.model, f.param)
-                    local_tensor(p).fill_(float("nan"))  # under FSDP2: this rank's shard
-                    self._fire(f, param=name)
-                elif f.kind == "weight_scale":
-                    ps = [local_tensor(p) for n, p in self.trainer.model.named_parameters()
-                          if p.requires_grad and (f.param is None or f.param in n)]
-                    compat.foreach_mul_(ps, f.factor)
-                    self._fire(f)
-                elif f.kind == "zero_exp_avg_sq":
-                    opt = unwrap_optimizer(self.trainer.optimizer)
-                    for st in opt.state.values():
-                        if "exp_avg_sq" in st:
-                            local_tensor(st["exp_avg_sq"]).zero_()
-                    self._fire(f)
-                elif f.kind == "lr_scale":
-                    for g in unwrap_optimizer(self.trainer.optimizer).param_groups:
-                        g["lr"] = g["lr"] * f.factor
-                    self._fire(f)
-                elif f.kind == "weight_drift":
-                    compat.foreach_mul_([local_tensor(p) for n, p in self.trainer.model.named_parameters()
-                                         if p.requires_grad and (f.param is None or f.param in n)], f.factor)
-                    self._fire(f)
-                elif f.kind == "lr_ramp":
-                    self._ramp_lr(f, step)
+        self._state_faults(state.global_step + 1)
         return control
 
     def _ramp_lr(self, f: Fault, step: int) -> None:
         """Make the scheduler itself ramp: its LambdaLR lambdas are wrapped once, so the ramped LR
         is what the scheduler reports (and an LR cut through `base_lrs` still applies). A scheduler
         without lambdas gets the ramp on the param groups only (then `lr_spike` can see it)."""
-        opt = unwrap_optimizer(self.trainer.optimizer)
-        sched = self.trainer.lr_scheduler
+        _, optimizer, sched = self._objects()
+        opt = unwrap_optimizer(optimizer)
         lambdas = getattr(sched, "lr_lambdas", None)
         if isinstance(lambdas, list) and lambdas:
             if getattr(f, "_wrapped", False):
@@ -299,9 +333,70 @@ class FaultInjector(TrainerCallback):
         return out
 
 
-def inject_faults(trainer: Any, *faults: Fault) -> FaultInjector:
-    """Install `faults` on `trainer` (before or after wrapping it in `SelfHealingTrainer`)."""
-    return FaultInjector(*faults).install(trainer)
+_LOOP_KINDS = ("nan_loss", "inf_loss", "nan_grad", "grad_scale", "nan_weight", "weight_scale", "zero_exp_avg_sq",
+               "lr_scale", "lr_ramp", "weight_drift")
 
 
-__all__ = ["Fault", "FaultInjector", "inject_faults", "FAULT_KINDS"]
+class LoopFaultInjector(_Injection):
+    """The same faults on a hand-written loop protected by `self_healing.Healer`, which calls
+    `before_step` (after backward: loss and gradient faults) and `before_forward` (after the
+    previous step: weight, optimizer-state and LR faults)."""
+
+    def __init__(self, *faults: Fault) -> None:
+        for f in faults:
+            if f.kind not in _LOOP_KINDS:
+                raise ValueError(f"Fault.kind={f.kind!r} cannot be rehearsed on a plain loop (the healer sees no "
+                                 f"forward or batch): expected one of {', '.join(_LOOP_KINDS)}")
+        super().__init__(*faults)
+        self.healer: Any = None
+        self._step = 0
+
+    def install(self, healer: Any) -> "LoopFaultInjector":
+        self.healer = healer
+        healer.faults = self
+        if healer.step == 0:
+            self.before_forward(1)
+        return self
+
+    def _current_step(self) -> int:
+        return self._step
+
+    def _process_index(self) -> int:
+        from .distributed import rank
+
+        return rank()
+
+    def _objects(self) -> tuple[Any, Any, Any]:
+        h = self.healer
+        return h.model, h.optimizer, h.scheduler
+
+    def before_forward(self, step: int) -> None:
+        self._step = step
+        self._state_faults(step)
+
+    def before_step(self, step: int, loss: Any) -> Any:
+        """A NaN/Inf loss does to the gradients what its backward would have done; then the
+        gradient faults. Returns the loss the healer judges."""
+        self._step = step
+        for f in self._active("nan_loss", "inf_loss"):
+            bad = float("nan") if f.kind == "nan_loss" else float("inf")
+            loss = loss * bad
+            with torch.no_grad():
+                compat.foreach_mul_([local_tensor(p.grad) for p in self.healer.model.parameters()
+                                     if p.grad is not None], bad)
+            self._fire(f)
+        self._gradient_faults()
+        return loss
+
+
+def inject_faults(target: Any, *faults: Fault) -> Any:
+    """Install `faults` on a trainer (before or after wrapping it in `SelfHealingTrainer`), or on
+    a plain loop's `self_healing.Healer`: `inject_faults(healer, Fault("nan_loss", step=5))`."""
+    from .engine import Healer
+
+    if isinstance(target, Healer):
+        return LoopFaultInjector(*faults).install(target)
+    return FaultInjector(*faults).install(target)
+
+
+__all__ = ["Fault", "FaultInjector", "LoopFaultInjector", "inject_faults", "FAULT_KINDS"]
