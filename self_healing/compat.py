@@ -26,10 +26,11 @@ logger = logging.getLogger("self_healing")
 SUPPORTED = "transformers 4.57.6-5.x (<6), TRL 0.29.1-1.x (<2), accelerate 1.4+"
 """What `.ci/versions` tests (the oldest and the newest release of each range) and pyproject declares."""
 
-CHECKED = {"old": "transformers 4.57.6 + TRL 0.29.1 + accelerate 1.16.0",
+CHECKED = {"oldest": "transformers 4.57.6 + TRL 0.29.1 + accelerate 1.4.0 (huggingface_hub 0.36)",
            "oldest5": "transformers 5.0.0 + TRL 1.0.0 + accelerate 1.4.0",
            "newest": "transformers 5.24.0 + TRL 1.16.0 + accelerate 1.16.0"}
-"""The version sets each row's `checked` column refers to (torch 2.13, trackio 0.43, numpy 2.4)."""
+"""The version sets (the `.ci/versions` sessions) each row's `checked` column refers to (torch 2.13,
+numpy 2.4; trackio 0.43, or 0.20 with huggingface_hub < 1)."""
 
 
 class Internal(NamedTuple):
@@ -41,48 +42,49 @@ class Internal(NamedTuple):
 INTERNALS: dict[str, Internal] = {
     "Trainer.training_step": Internal(
         "wrapped: the step's loss tensor; a healable forward/backward exception becomes a skipped step",
-        "old, oldest5, newest", "required: UnsupportedVersion at attach"),
+        "oldest, oldest5, newest", "required: UnsupportedVersion at attach"),
     "Trainer._get_grad_norm": Internal(
-        "wrapped: keeps the pre-clip norm the Trainer computes anyway", "newest (added in 5.3; absent in old, oldest5)",
+        "wrapped: keeps the pre-clip norm the Trainer computes anyway",
+        "newest (added in 5.3; absent in oldest, oldest5)",
         "fallback: wrap accelerator.clip_grad_norm_ (the old loop calls it directly), else measure the norm "
         "in on_pre_optimizer_step"),
     "Trainer._clip_grad_norm": Internal(
         "wrapped with ZClip on: measure without clipping, ZClip clips", "newest (added in 5.3)",
         "fallback: the accelerator.clip_grad_norm_ wrapper measures without clipping"),
     "Accelerator.clip_grad_norm_": Internal(
-        "public; wrapped only by the two fallbacks above", "old, oldest5, newest", "required by the fallbacks"),
+        "public; wrapped only by the two fallbacks above", "oldest, oldest5, newest", "required by the fallbacks"),
     "Trainer.get_batch_samples": Internal(
-        "wrapped: a batch whose collation failed is recorded and the next one taken", "old, oldest5, newest",
+        "wrapped: a batch whose collation failed is recorded and the next one taken", "oldest, oldest5, newest",
         "required: UnsupportedVersion at attach (the guarded collator's skipped batches need it)"),
     "Trainer._get_num_items_in_batch": Internal(
-        "the loss normaliser of the batches get_batch_samples returns", "old, oldest5, newest",
+        "the loss normaliser of the batches get_batch_samples returns", "oldest, oldest5, newest",
         "fallback: the Trainer's own get_batch_samples over the batches already fetched"),
     "Trainer._save_checkpoint": Internal(
-        "wrapped: errors while saving are tagged 'save'; the watchdog's save phase", "old, oldest5, newest",
+        "wrapped: errors while saving are tagged 'save'; the watchdog's save phase", "oldest, oldest5, newest",
         "warning at attach: save errors count as the step's, no save phase for the hang watchdog"),
-    "Trainer._load_best_model": Internal("watchdog: save phase", "old, oldest5, newest", "warning at attach"),
-    "Trainer._inner_training_loop": Internal("watchdog: startup/finishing phases", "old, oldest5, newest",
+    "Trainer._load_best_model": Internal("watchdog: save phase", "oldest, oldest5, newest", "warning at attach"),
+    "Trainer._inner_training_loop": Internal("watchdog: startup/finishing phases", "oldest, oldest5, newest",
                                              "warning at attach"),
     "Trainer._tr_loss": Internal(
         "a NaN is zeroed out of the running loss (logging_nan_inf_filter=False)", "newest (a local tr_loss in "
-        "old, oldest5)", "warning once: the Trainer's logged loss reads NaN after a skipped NaN step"),
+        "oldest, oldest5)", "warning once: the Trainer's logged loss reads NaN after a skipped NaN step"),
     "Trainer._train_batch_size": Internal(
-        "OOM: the halved batch the relaunched loop uses", "old, oldest5, newest", "required: UnsupportedVersion"),
+        "OOM: the halved batch the relaunched loop uses", "oldest, oldest5, newest", "required: UnsupportedVersion"),
     "Trainer._created_lr_scheduler": Internal(
-        "in-memory retry: the scheduler flag restored", "old, oldest5, newest", "required: UnsupportedVersion"),
+        "in-memory retry: the scheduler flag restored", "oldest, oldest5, newest", "required: UnsupportedVersion"),
     "Trainer._save_optimizer_and_scheduler": Internal(
-        "the plugin's own resume checkpoint (preemption)", "old, oldest5, newest", "required: UnsupportedVersion"),
-    "Trainer._save_scaler": Internal("same", "old, oldest5, newest", "required: UnsupportedVersion"),
-    "Trainer._save_rng_state": Internal("same", "old, oldest5, newest", "required: UnsupportedVersion"),
+        "the plugin's own resume checkpoint (preemption)", "oldest, oldest5, newest", "required: UnsupportedVersion"),
+    "Trainer._save_scaler": Internal("same", "oldest, oldest5, newest", "required: UnsupportedVersion"),
+    "Trainer._save_rng_state": Internal("same", "oldest, oldest5, newest", "required: UnsupportedVersion"),
     "transformers.trainer_pt_utils.safe_globals": Internal(
         "verify rng_state.pth the way the Trainer loads it (weights_only, numpy allowlisted)",
-        "newest (5.2+; transformers.trainer.safe_globals in old, oldest5)",
+        "newest (5.2+; transformers.trainer.safe_globals in oldest, oldest5)",
         "fallback: torch.serialization.safe_globals with the same numpy allowlist"),
     "TRL GRPO/RLOO _buffered_inputs, _step": Internal(
-        "a resume regenerates the buffered generation batch", "old, oldest5, newest", "optional per trainer"),
-    "TRL _metrics": Internal("in-memory retry restores the metric buffers", "old, oldest5, newest",
+        "a resume regenerates the buffered generation batch", "oldest, oldest5, newest", "optional per trainer"),
+    "TRL _metrics": Internal("in-memory retry restores the metric buffers", "oldest, oldest5, newest",
                              "optional per trainer"),
-    "TRL _generate_and_score_completions/_generate": Internal("watchdog: generation phase", "old, oldest5, newest",
+    "TRL _generate_and_score_completions/_generate": Internal("watchdog: generation phase", "oldest, oldest5, newest",
                                                                "optional per trainer"),
     "torch LRScheduler._last_lr": Internal(
         "an LR cut shows in get_last_lr() (what the Trainer logs)", "torch 2.13", "fallback: nothing to update"),
