@@ -27,8 +27,12 @@ def test_clean_run_has_no_interventions_and_matches_the_bare_trainer(kind, tmp_p
     assert logged_losses(sh.trainer) == pytest.approx(bare, rel=1e-6, abs=1e-7)
 
 
-@pytest.mark.parametrize("fault", list(FAULT_FAILURE))
-@pytest.mark.parametrize("kind", KINDS)
+# An Inf loss takes the NaN loss's path through every trainer (the same non-finite check on the same
+# captured loss): nan_loss covers each trainer's loss capture, inf_loss is run once (a 60-step run each).
+CASES = [(kind, fault) for kind in KINDS for fault in FAULT_FAILURE if fault != "inf_loss" or kind == "trainer"]
+
+
+@pytest.mark.parametrize("kind,fault", CASES, ids=[f"{k}-{f}" for k, f in CASES])
 def test_fault_heals(kind, fault, tmp_path, tmp_path_factory):
     bare = clean_losses(kind, tmp_path_factory)
     sh = run_healed(kind, tmp_path, faults=[fault_for(fault)])
