@@ -5,7 +5,9 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRACKIO_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "trackio"))
+# one store per pytest-xdist worker: two processes never share a SQLite file
+os.environ.setdefault("TRACKIO_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "trackio",
+                                                  os.environ.get("PYTEST_XDIST_WORKER", "main")))
 warnings.filterwarnings("ignore")
 
 import pytest  # noqa: E402
