@@ -149,3 +149,17 @@ def test_a_two_process_ddp_loop_takes_the_same_decisions_on_every_rank(tmp_path)
     assert ranks[0]["decisions"][1][2] == ["rollback"]
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["finite"] and ranks[1]["finite"]
     assert ranks[1]["fired"] and not ranks[0]["fired"]  # the faults were on rank 1 alone
+
+
+@pytest.mark.parametrize("script,fault,failure", [("plain_pytorch", "nan_weight@30", "weight_corruption"),
+                                                  ("accelerate_loop", "grad_scale@30", "gradient_explosion")])
+def test_the_loop_examples_rehearse_a_fault_and_write_the_postmortem(tmp_path, script, fault, failure):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{script}.py"), "--fault", fault,
+                           "--output-dir", str(tmp_path), "--preset", str(ROOT / "presets" / "default.yaml")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pm = json.loads((tmp_path / "postmortem.json").read_text())
+    assert pm["exit_reason"] == "completed" and pm["last_step"] == 60
+    assert [e["failure"] for e in pm["recovery_actions"]] == [failure]
+    assert "COMPLETED at step 60" in proc.stdout
