@@ -71,20 +71,24 @@ class Timeline:
 def watch_detections(cb: Any, tl: Timeline, disk: bool) -> None:
     """Note when the plugin's detectors fire. In disk mode, what happens next is a restart from disk:
     the update is dropped (as the plugin always does before it is applied) and training stops."""
+    from self_healing.diagnosis import Diagnosis, FailureKind
+    from self_healing.engine import Decision
     from self_healing.healing import skip_update
 
-    orig = cb._handle
+    engine = cb.engine
+    orig = engine.handle
 
-    def handle(detections, step, control, before_update, exception=None):
+    def handle(detections, step, before_update, exception=None):
         tl.detections.append((step, time.perf_counter()))
         if not disk:
-            return orig(detections, step, control, before_update, exception=exception)
+            return orig(detections, step, before_update, exception=exception)
         if before_update:
             skip_update(cb.model)
         tl.stop_requested = step
-        control.should_training_stop = True
+        return Decision(step, Diagnosis(FailureKind.UNKNOWN, "disk mode: restart from the last checkpoint"), (),
+                        skipped=before_update, stop=True)  # the callback stops the Trainer
 
-    cb._handle = handle
+    engine.handle = handle
 
 
 def run(size: str, fault: str, mode: str, fault_step: int, interval: int, tmp: str, extra_steps: int) -> dict:

@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from . import compat
 from .config import HealingConfig
-from .detectors import Detection, StateReport, StepMonitor, StepSignals
+from .detectors import StepMonitor, StepSignals
 from .engine import Decision, Healer
 from .diagnosis import Action, Diagnosis, FailureKind, diagnose_exception, exception_origin, tag_origin
 from .distributed import EXCEPTION_CODES, is_distributed, is_dtensor, recover_fsdp_iteration
@@ -452,17 +452,8 @@ class SelfHealingCallback(TrainerCallback):
                     tag_origin(exc, "data")
                     raise
                 if isinstance(batch, SkippedBatch):
-                    exc = batch.exception
-                    d = diagnose_exception(exc, step=self.trainer.state.global_step + 1, origin="collate")
-                    plan = self.policy.plan(d, self.trainer.state.global_step + 1)
-                    self._note_skipped_batch(exc, "collate", None)
-                    event = self.recorder.record(self.trainer.state.global_step + 1, d,
-                                                 [a.value for a in plan.actions], {}, plan.reason)
-                    self._notify("on_event", event)
-                    if Action.GIVE_UP in plan.actions:
-                        raise exc
-                    logger.warning("self-healing: step %s: %s -> skip_batch", self.trainer.state.global_step + 1,
-                                   d.summary)
+                    if self.engine.skip_batch(batch.exception, self.trainer.state.global_step + 1).stop:
+                        raise batch.exception
                     continue
                 batches.append(batch)
             return batches, compat.num_items_in_batch(self.trainer, orig, batches, *args, **kwargs)
@@ -505,6 +496,12 @@ class SelfHealingCallback(TrainerCallback):
                 t.data_collator = c
 
         return get_train_dataloader
+
+    @property
+    def inner_train(self) -> Any:
+        """The Trainer's own `train` (the orchestrator calls it; `trainer.train` itself runs
+        through the orchestrator)."""
+        return self._orig_train or self.trainer.train
 
     def _make_train(self, orig):
         self._orig_train = orig
@@ -681,7 +678,7 @@ class SelfHealingCallback(TrainerCallback):
             finite = math.isfinite(signals.loss) and not failed
             self._log_window = [self._log_window[0] + 1, self._log_window[1] + finite,
                                 self._log_window[2] + (signals.loss if finite else 0.0)]
-        self._apply(self.engine.judge_step(signals), control)
+        self.apply_decision(self.engine.judge_step(signals), control)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -694,7 +691,7 @@ class SelfHealingCallback(TrainerCallback):
             return control
         if self._agreed_preempt and self.preempted_at is None:
             self._preempt(state.global_step, control)
-        self._apply(self.engine.end_step(state.global_step), control)
+        self.apply_decision(self.engine.end_step(state.global_step), control)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -705,7 +702,7 @@ class SelfHealingCallback(TrainerCallback):
             for m in self.monitors:
                 if hasattr(m, "on_log"):
                     for diag in m.on_log(state.global_step, logs) or []:
-                        self._apply_advisory(diag, state.global_step, control)
+                        self.engine.apply_advisory(diag, state.global_step)
         return control
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -714,7 +711,7 @@ class SelfHealingCallback(TrainerCallback):
         for m in self.monitors:
             if metrics and hasattr(m, "on_evaluate"):
                 for diag in m.on_evaluate(state.global_step, metrics) or []:
-                    self._apply_advisory(diag, state.global_step, control)
+                    self.engine.apply_advisory(diag, state.global_step)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -748,27 +745,17 @@ class SelfHealingCallback(TrainerCallback):
             self.preempt_signal = self._agreed_preempt
         return signals
 
-    def _inspect(self, step: int) -> Detection | None:
-        return self.engine.inspect(step)
-
-    def _check_state(self, step: int, agreed: bool = True) -> tuple[StateReport, Detection | None]:
-        return self.engine.check_state(step, agreed)
-
-    def _apply(self, decision: Decision | None, control) -> None:
-        """What only the Trainer can do about an engine decision: stop its loop, and drop the
-        NaN a skipped step left in its running loss."""
+    def apply_decision(self, decision: Decision | None, control) -> None:
+        """What only the Trainer can do about an engine decision (the engine applied the rest):
+        stop its loop, and drop the NaN a skipped step left in its running loss. Whoever hands
+        the engine a detection during a Trainer event (the early-warning signals) calls this
+        with the decision it got back."""
         if decision is None:
             return
         if decision.stop:
             control.should_training_stop = True
         if decision.skipped:
             self._repair_logged_loss()
-
-    def _handle(self, detections: list[Detection], step: int, control, before_update: bool,
-                exception: BaseException | None = None) -> Decision:
-        decision = self.engine.handle(detections, step, before_update, exception)
-        self._apply(decision, control)
-        return decision
 
     def _preempt(self, step: int, control) -> None:
         """The step is done: ask the Trainer to checkpoint now and stop (it saves whatever its
@@ -780,18 +767,6 @@ class SelfHealingCallback(TrainerCallback):
         diag = Diagnosis(FailureKind.INTERRUPTED, f"{name} received: finished step {step}, checkpointing and exiting "
                          "(run the same command again to resume)", {"signal": name}, [Action.CHECKPOINT], step)
         self.engine.emit(step, diag, [Action.CHECKPOINT.value], message=f"self-healing: {diag.summary}")
-
-    def _apply_advisory(self, diag: Diagnosis, step: int, control) -> Decision:
-        return self.engine.apply_advisory(diag, step)
-
-    def _notify(self, method: str, *args: Any) -> None:
-        self.engine.notify(method, *args)
-
-    def _restore_plugin_state(self, snap) -> None:
-        self.engine.restore_plugin_state(snap)
-
-    def _tighten_clipping(self) -> dict[str, Any]:
-        return self.engine.tighten_clipping()
 
     def _repair_logged_loss(self) -> None:
         """With `logging_nan_inf_filter=False` a NaN would stay in the Trainer's running loss sum
@@ -806,9 +781,6 @@ class SelfHealingCallback(TrainerCallback):
         st = self.trainer.state
         return {"trainer_state": {"epoch": st.epoch, "num_input_tokens_seen": st.num_input_tokens_seen,
                                   "total_flos": st.total_flos}}
-
-    def _capture(self, step: int, report: StateReport):
-        return self.engine.capture(step, report)
 
     def _apply_persisted_lr_scale(self) -> None:
         """After a disk resume the scheduler comes back with the LR of the checkpoint; an LR cut

@@ -6,9 +6,10 @@ them is on, so a run without them pays nothing. It works through the callback's 
 is an observer (`on_step` gets each step's loss and pre-clip grad norm after the basic detectors,
 `on_event` sees every decision) and a Trainer callback added after the main one (its
 `on_pre_optimizer_step` runs after the basic detectors, before `optimizer.step()`; its
-`on_optimizer_step` right after the update). Actions go through `callback._handle` (rollback and
-LR cut, with the escalation policy and attempt budget of every other failure),
-`callback._apply_advisory` (a bounded LR cut) and the snapshot ring (`callback._capture`).
+`on_optimizer_step` right after the update). Its failures go to the engine as detections
+(`callback.engine.handle`: rollback and LR cut, with the escalation policy and attempt budget of
+every other failure; the callback then does what only the Trainer can), its advisories through
+`engine.apply_advisory` (a bounded LR cut), its early snapshots through `engine.capture`.
 
 Per step, with the signal on:
 
@@ -452,7 +453,7 @@ class EarlyWarning(TrainerCallback):
             if snap is not None:
                 actions.append(Action.CHECKPOINT)
                 details["snapshot_step"] = snap
-            details["clipping"] = self.cb._tighten_clipping()
+            details["clipping"] = self.cb.engine.tighten_clipping()
             actions.append(Action.TIGHTEN_CLIPPING)
         diag = Diagnosis(FailureKind.INSTABILITY_FORECAST,
                          f"{ev['signal_name']} is growing {ev['score']:.3g}/step at step {step}, above its warning bound "
@@ -468,9 +469,9 @@ class EarlyWarning(TrainerCallback):
         if latest is not None and latest.step >= step - 1:
             return None
         report = state_report(self.cb.model, self.cb.optimizer, step - 1)
-        if compare_state(report, self.cb._ref_report, self.config.weight_growth_factor) is not None:
+        if compare_state(report, self.cb.engine.ref_report, self.config.weight_growth_factor) is not None:
             return None
-        self.cb._capture(step - 1, report)
+        self.cb.engine.capture(step - 1, report)
         return step - 1
 
     # ------------------------------------------------------------------------------------------
@@ -517,7 +518,7 @@ class EarlyWarning(TrainerCallback):
                              f"({scores[n]:.0%} of its power, calibrated bound {thr:.0%}): the LR is past the stability "
                              f"edge; {what}", ev, actions, list(REFERENCES.get(FailureKind.OSCILLATION, [])), step)
             if actions:
-                self.cb._apply_advisory(diag, step, control)
+                self.cb.engine.apply_advisory(diag, step)
             else:
                 self._record(step, diag, {})
             self.loss_window.clear()
@@ -604,7 +605,7 @@ class EarlyWarning(TrainerCallback):
             if self.undo.restore(self.cb.model, self.cb.optimizer):
                 actions.append(Action.SKIP_STEP)
                 self.cb.recorder.counters["skipped_steps"] += 1
-                self.cb._step_flagged = True  # the step's update was not kept: it verifies no snapshot
+                self.cb.engine.step_flagged = True  # the step's update was not kept: it verifies no snapshot
                 self._sample_prev = None
                 for g in self.growth.values():
                     g.last = None
@@ -620,7 +621,7 @@ class EarlyWarning(TrainerCallback):
                          f"({score:+.2%}, calibrated bound {bound}): {what}", ev, actions,
                          list(REFERENCES.get(FailureKind.PROBE_REGRESSION, [])), step)
         if Action.REDUCE_LR in actions:
-            self.cb._apply_advisory(diag, step, control)
+            self.cb.engine.apply_advisory(diag, step)
         else:
             self._record(step, diag, details)
 
@@ -720,8 +721,8 @@ class EarlyWarning(TrainerCallback):
         params = self._params()
         current = [p.detach().clone() for p in params] if imp is not None else None
         rollbacks = self.cb.recorder.counters["rollbacks"]
-        self.cb._handle([Detection(signal, step, ev)], step, control, before_update=True)
-        self.cb._step_flagged = True  # as for the basic detectors' failures: verifies no snapshot
+        decision = self.cb.engine.handle([Detection(signal, step, ev)], step, before_update=True)
+        self.cb.apply_decision(decision, control)  # the Trainer's part: stop it if the engine gave up
         if current is not None and self.cb.recorder.counters["rollbacks"] > rollbacks:
             # Fisher-weighted rollback: w = snapshot + (1 - importance) (w_before - snapshot)
             restored = [p.detach().clone() for p in params]
@@ -732,10 +733,7 @@ class EarlyWarning(TrainerCallback):
         self._warning_since = None
 
     def _record(self, step: int, diag: Diagnosis, details: dict[str, Any]) -> None:
-        event = self.cb.recorder.record(step, diag, [a.value for a in diag.actions], details)
-        self.cb._notify("on_event", event)
-        logger.warning("self-healing: step %s: %s -> %s", step, diag.summary,
-                       ", ".join(a.value for a in diag.actions) or "observed")
+        self.cb.engine.emit(step, diag, [a.value for a in diag.actions], details)
 
     def _calibration_note(self, name: str, thr: float | None, method: str) -> None:
         self._last_thr = getattr(self, "_last_thr", {})

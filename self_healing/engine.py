@@ -352,6 +352,7 @@ class Healer:
         details: dict[str, Any] = {}
         if before_update:
             skip_update(self.model)  # whatever the plan, this step's gradients are not trusted
+            self.step_flagged = True  # a step whose update was dropped verifies no snapshot, takes none
         details.update(self.apply(plan.actions, step, diag, plan.reason, plan.lr_factor))
         if not before_update and Action.SKIP_STEP in plan.actions:
             details["note"] = "the update had already landed; skipping could not undo it"
@@ -362,6 +363,18 @@ class Healer:
         return Decision(step, diag, tuple(plan.actions), plan.reason, skipped=before_update,
                         rolled_back_to=details.get("rolled_back_to_step"), lr_factor=lr_factor, stop=stop,
                         details=details, event=event)
+
+    def skip_batch(self, exc: BaseException, step: int, where: str = "collate",
+                   indices: list[int] | None = None) -> Decision:
+        """A batch that could not be built (the collator or tokenizer raised on it) is dropped and
+        the next one taken; `stop` once data errors hit more batches than `max_skipped_batches`
+        allows (then the adapter raises `exc` unchanged)."""
+        d = diagnose_exception(exc, step=step, origin=where)
+        plan = self.policy.plan(d, step)
+        self.note_skipped_batch(exc, where, indices, step)
+        stop = Action.GIVE_UP in plan.actions
+        event = self.emit(step, d, [a.value for a in plan.actions], {}, plan.reason, message="" if stop else None)
+        return Decision(step, d, tuple(plan.actions), plan.reason, stop=stop, event=event)
 
     def apply(self, actions: Iterable[Action], step: int, diag: Diagnosis, reason: str = "",
               lr_factor: float | None = None) -> dict[str, Any]:

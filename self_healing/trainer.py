@@ -141,7 +141,7 @@ class SelfHealingTrainer:
             cb.orchestrator_active = False
 
     def _train_once(self, resume: Any, *args: Any, **kwargs: Any) -> Any:
-        inner = self.callback._orig_train or self.trainer.train
+        inner = self.callback.inner_train
         return inner(resume, *args, **kwargs) if args else inner(resume_from_checkpoint=resume, **kwargs)
 
     # ------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ class SelfHealingTrainer:
         recover_fsdp_iteration(t.model)
         state_det = None
         if t.optimizer is not None:  # a RankFailure has every rank here together: judge every rank's shard
-            state_det = cb._check_state(step, agreed=isinstance(exc, RankFailure))[1]
+            state_det = cb.engine.check_state(step, agreed=isinstance(exc, RankFailure))[1]
         d = diagnose_exception(exc, step=step + 1, state=state_det, phase=phase, origin=origin)
         if d.failure == FailureKind.DATA_ERROR and cb.streamed_data and origin in ("data", "collate"):
             d.healable = False  # resuming would re-read the stream up to the same batch
@@ -195,10 +195,9 @@ class SelfHealingTrainer:
                     plan.reason = ("disk full, and nothing of the plugin's own (half-written or superseded "
                                    "checkpoints) is left to free; no verified checkpoint was deleted")
             elif d.failure == FailureKind.API_ERROR:
-                details["backoff_seconds"] = round(cb._backoff(cb.policy.attempts, d), 3)
+                details["backoff_seconds"] = round(cb.engine.backoff(cb.policy.attempts, d, step + 1), 3)
         if Action.GIVE_UP in actions:
-            event = cb.recorder.record(step + 1, d, [Action.GIVE_UP.value], details, plan.reason)
-            cb._notify("on_event", event)
+            cb.engine.emit(step + 1, d, [Action.GIVE_UP.value], details, plan.reason, message="")
             cb.gave_up = True
             cb.give_up_reason = f"{d.failure.value}: {plan.reason or d.summary}"
             self.postmortem = cb.finish("gave_up", exception=exc)
@@ -210,13 +209,12 @@ class SelfHealingTrainer:
         # same position: resume one step further on, past that batch.
         skip = 1 if d.failure == FailureKind.DATA_ERROR else 0
         if skip:
-            cb._note_skipped_batch(exc, phase, None)
+            cb.engine.note_skipped_batch(exc, phase, None, step + 1)
         resume, where = self._resume_point(prefer_current=not corrupted, skip_steps=skip,
                                            agreed=isinstance(exc, RankFailure))
         details["resume_from"] = where
-        event = cb.recorder.record(step + 1, d, [a.value for a in actions] + [Action.RESUME.value], details,
-                                   plan.reason)
-        cb._notify("on_event", event)
+        cb.engine.emit(step + 1, d, [a.value for a in actions] + [Action.RESUME.value], details, plan.reason,
+                       message="")  # logged below, with where it resumes from
         cb.recorder.counters["exceptions_healed"] += 1
         logger.warning("self-healing: step %s: %s -> %s, resuming from %s", step + 1, d.summary,
                        ", ".join(a.value for a in actions), where)
@@ -230,7 +228,7 @@ class SelfHealingTrainer:
             return None, "the start (no training state existed yet)"
         step = t.state.global_step
         if prefer_current:
-            if cb._check_state(step, agreed=agreed)[1] is None:
+            if cb.engine.check_state(step, agreed=agreed)[1] is None:
                 self._reset_generation_buffers()
                 for _ in range(skip_steps):  # the schedule stays aligned with the data skipped
                     t.lr_scheduler.step()
@@ -240,7 +238,7 @@ class SelfHealingTrainer:
         if snap is None:
             return None, "the start (no verified snapshot)"
         cb.ring.restore(snap, t.model, t.optimizer, t.lr_scheduler, restore_scheduler=True, restore_rng=True)
-        cb._restore_plugin_state(snap)
+        cb.engine.restore_plugin_state(snap)
         self._reset_generation_buffers()
         path = write_resume_checkpoint(t, snap.step, extra_state=snap.extra.get("trainer_state"))
         cb.recorder.counters["steps_lost"] += max(step - snap.step, 0)
@@ -425,7 +423,7 @@ class SelfHealingTrainer:
                 cb.set_passthrough(True)
                 while True:
                     try:
-                        (cb._orig_train or t.train)()
+                        cb.inner_train()
                         steps_run = t.state.global_step
                         if find_max_batch_size:
                             max_bs = t.args.per_device_train_batch_size

@@ -165,3 +165,28 @@ def test_the_objects_callable_follows_a_host_that_replaces_them():
     host["model"], host["opt"] = model, opt
     assert healer.model is model and healer.optimizer is opt
     assert healer.start(0) and healer.ring.latest_verified().step == 0
+
+
+def test_a_batch_that_could_not_be_built_is_skipped_until_data_errors_look_like_a_pipeline_bug():
+    healer, _, _ = _setup(max_skipped_batches=2)
+    errors = [KeyError(f"'text' missing in row {i}") for i in range(3)]
+    for e in errors:  # a collator's KeyError, tagged as raised while building the batch
+        from self_healing.diagnosis import tag_origin
+
+        tag_origin(e, "collate")
+    decisions = [healer.skip_batch(e, 5 + i) for i, e in enumerate(errors)]
+    assert [d.actions for d in decisions[:2]] == [(Action.SKIP_BATCH,), (Action.SKIP_BATCH,)]
+    assert decisions[2].stop and decisions[2].actions == (Action.GIVE_UP,) and "max_skipped_batches=2" in decisions[2].reason
+    assert [b["step"] for b in healer.recorder.skipped_batches] == [5, 6, 7]
+
+
+def test_a_step_whose_update_was_dropped_verifies_no_snapshot():
+    healer, model, opt = _setup()
+    for s in range(1, 6):
+        _step(healer, model, opt, s)  # snapshot at 5, unverified
+    snap = healer.ring.latest
+    healer.begin_step()
+    d = healer.handle([Detection("instability_forecast", 6, {"lr_cause": True})], 6, before_update=True)
+    assert d.actions == (Action.SKIP_STEP, Action.REDUCE_LR)  # no rollback: the step-5 snapshot stays
+    healer.end_step(6)
+    assert healer.ring.latest is snap and snap.healthy_steps_after == 0 and healer.step_flagged
