@@ -206,6 +206,39 @@ class _Injection:
                 elif f.kind == "lr_ramp":
                     self._ramp_lr(f, step)
 
+    def _ramp_lr(self, f: Fault, step: int) -> None:
+        """Make the scheduler itself ramp: its LambdaLR lambdas are wrapped once, so the ramped LR
+        is what the scheduler reports (and an LR cut through `base_lrs` still applies). A scheduler
+        without lambdas gets the ramp on the param groups only (then `lr_spike` can see it)."""
+        _, optimizer, sched = self._objects()
+        opt = unwrap_optimizer(optimizer)
+        lambdas = getattr(sched, "lr_lambdas", None)
+        if isinstance(lambdas, list) and lambdas:
+            if getattr(f, "_wrapped", False):
+                if step < f.step + f.duration:  # recorded while it ramps, not for the rest of the run
+                    self._fire(f, lr=opt.param_groups[0]["lr"])
+                return
+            start, factor, duration = f.step, f.factor, f.duration
+
+            def ramped(fn):
+                # the LR of optimizer step s is lambda(s - 1)
+                return lambda epoch: fn(epoch) * factor ** max(0, min(epoch - start + 2, duration))
+
+            sched.lr_lambdas = [ramped(fn) for fn in lambdas]
+            f._wrapped = True
+            mult = factor ** f.level(step)
+            for g in opt.param_groups:  # this step's LR was set before the wrap
+                g["lr"] = g["lr"] * mult
+            compat.scale_last_lr(sched, lrs=[g["lr"] for g in opt.param_groups])
+        else:
+            base = getattr(f, "_base_lrs", None)
+            if base is None:
+                base = f._base_lrs = [g["lr"] for g in opt.param_groups]
+            for g, b in zip(opt.param_groups, base):
+                g["lr"] = b * f.factor ** f.level(step)
+        if step < f.step + f.duration:
+            self._fire(f, lr=opt.param_groups[0]["lr"])
+
 
 class FaultInjector(_Injection, TrainerCallback):
     """Installs the faults on one trainer; `fired` lists what was injected and when."""
@@ -274,39 +307,6 @@ class FaultInjector(_Injection, TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._state_faults(state.global_step + 1)
         return control
-
-    def _ramp_lr(self, f: Fault, step: int) -> None:
-        """Make the scheduler itself ramp: its LambdaLR lambdas are wrapped once, so the ramped LR
-        is what the scheduler reports (and an LR cut through `base_lrs` still applies). A scheduler
-        without lambdas gets the ramp on the param groups only (then `lr_spike` can see it)."""
-        _, optimizer, sched = self._objects()
-        opt = unwrap_optimizer(optimizer)
-        lambdas = getattr(sched, "lr_lambdas", None)
-        if isinstance(lambdas, list) and lambdas:
-            if getattr(f, "_wrapped", False):
-                if step < f.step + f.duration:  # recorded while it ramps, not for the rest of the run
-                    self._fire(f, lr=opt.param_groups[0]["lr"])
-                return
-            start, factor, duration = f.step, f.factor, f.duration
-
-            def ramped(fn):
-                # the LR of optimizer step s is lambda(s - 1)
-                return lambda epoch: fn(epoch) * factor ** max(0, min(epoch - start + 2, duration))
-
-            sched.lr_lambdas = [ramped(fn) for fn in lambdas]
-            f._wrapped = True
-            mult = factor ** f.level(step)
-            for g in opt.param_groups:  # this step's LR was set before the wrap
-                g["lr"] = g["lr"] * mult
-            compat.scale_last_lr(sched, lrs=[g["lr"] for g in opt.param_groups])
-        else:
-            base = getattr(f, "_base_lrs", None)
-            if base is None:
-                base = f._base_lrs = [g["lr"] for g in opt.param_groups]
-            for g, b in zip(opt.param_groups, base):
-                g["lr"] = b * f.factor ** f.level(step)
-        if step < f.step + f.duration:
-            self._fire(f, lr=opt.param_groups[0]["lr"])
 
     def _noisy(self, f: Fault, inputs: Any) -> Any:
         """A copy of the batch with a fraction of its tokens replaced by random ones (the same

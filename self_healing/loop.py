@@ -45,6 +45,28 @@ from .snapshot import unwrap_optimizer
 logger = logging.getLogger("self_healing")
 
 
+def _scalar_loss(loss: Any) -> Any:
+    """The step's loss as the engine reads it (a one-element tensor or a Python float). Anything
+    else is the caller's mistake, said at once: judged as a number it would read as NaN and the
+    healer would skip every update of a healthy run."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"Healer.before_step(loss): expected the step's scalar loss, got a tensor of shape "
+                             f"{tuple(loss.shape)} (reduce it first, e.g. loss.mean())")
+        return loss
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    if hasattr(loss, "item") and getattr(loss, "size", None) == 1 and not isinstance(loss, (str, bytes)):
+        try:  # a numpy scalar or one-element array
+            value = loss.item()
+        except (TypeError, ValueError):
+            value = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    raise TypeError(f"Healer.before_step(loss): expected the step's loss as a scalar tensor or a float, "
+                    f"got {type(loss).__name__}")
+
+
 class Healer(_Engine):
     """The engine plus the step protocol of a hand-written loop: `before_step(loss)` between
     backward and `optimizer.step()`, `after_step()` after `zero_grad()`, `finish()` at the end
@@ -90,6 +112,10 @@ class Healer(_Engine):
         `.grad`. True: go on with `optimizer.step()`. False: the update is dropped (the
         gradients are set to None, so even a stray `optimizer.step()` leaves weights and state
         alone); the weights may have been rolled back. Under DDP call it on every rank."""
+        if self.postmortem is not None:
+            raise RuntimeError("Healer.before_step() after finish(): the postmortem is written; make a new Healer "
+                               "for another run")
+        loss = _scalar_loss(loss)
         self.step += 1
         self._decision = None
         self.begin_step()
@@ -141,6 +167,8 @@ class Healer(_Engine):
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if isinstance(exc, KeyboardInterrupt):
             self.finish("interrupted", exception=exc)
+        elif isinstance(exc, SystemExit) and exc.code in (0, None):  # the script ended itself, successfully
+            self.finish()
         else:
             self.finish(exception=exc)
         return False  # the exception, if any, surfaces unchanged

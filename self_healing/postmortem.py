@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 import traceback
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,7 @@ class PostmortemRecorder:
         except OSError as e:
             first = e
         fallback = Path(tempfile.gettempdir()) / (f"self-healing-postmortem-{time.strftime('%Y%m%d-%H%M%S')}-"
-                                                  f"{os.getpid()}.json")
+                                                  f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json")  # two runs, one second: two files
         try:
             atomic_write_text(fallback, text)
         except OSError as e:
