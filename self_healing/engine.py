@@ -40,6 +40,16 @@ _STATE_SIGNALS = ("weight_corruption", "optimizer_state_corruption")
 _INSPECTED_SIGNALS = ("nonfinite_loss", "nonfinite_gradient", "loss_spike", "exception")
 
 
+def _lr_ratio(lrs: list[float], reference: list[float] | None) -> float:
+    """How far this rank's LR is above its schedule (inf: not finite); 1.0 when there is no
+    schedule to compare with. Shared in the step's gather, so an LR corrupted on one rank only
+    is judged on every rank and the ranks' weights cannot part."""
+    if not reference:
+        return 1.0
+    ratios = [math.inf if not math.isfinite(lr) else lr / ref for lr, ref in zip(lrs, reference) if ref > 0]
+    return max(ratios, default=1.0)
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the engine decided about one failure, already applied when it is returned.
@@ -171,8 +181,15 @@ class Healer:
         """The step's facts as numbers, in its one host sync. `loss`/`grad_norm` may be device
         tensors. Under torch.distributed every rank's (loss, norm, exception code, *extra) travel
         in one all_gather and every rank returns the same signals (`rank_rows` keeps the rows)."""
+        opt = unwrap_optimizer(self.optimizer)
+        lrs = [g["lr"] for g in opt.param_groups]
+        reference = scheduled_lrs(self.optimizer, self.scheduler) or self.lr_reference
         if is_distributed():
-            loss_f, norm_f, exception = self._gathered(loss, grad_norm, exception, list(extra or ()))
+            own = _lr_ratio(lrs, reference)  # travels last in the row: the extras keep their places
+            loss_f, norm_f, exception = self._gathered(loss, grad_norm, exception, [*(extra or ()), own])
+            worst = max(r[-1] for r in self.rank_rows or [[own]])
+            if worst > max(own, self.config.lr_spike_factor) and reference:  # a peer's LR spiked: every rank judges it
+                lrs = [ref * worst for ref in reference]
         else:
             self.rank_rows = None
             parts: list[torch.Tensor] = []
@@ -193,9 +210,7 @@ class Healer:
                 norm_f = float(grad_norm)
             else:
                 norm_f = None
-        opt = unwrap_optimizer(self.optimizer)
-        return StepSignals(step=step, loss=loss_f, grad_norm=norm_f, lrs=[g["lr"] for g in opt.param_groups],
-                           scheduled_lrs=scheduled_lrs(self.optimizer, self.scheduler) or self.lr_reference,
+        return StepSignals(step=step, loss=loss_f, grad_norm=norm_f, lrs=lrs, scheduled_lrs=reference,
                            exception=exception)
 
     def _gathered(self, loss_t: Any, gn: Any, exception: BaseException | None,

@@ -137,15 +137,16 @@ def test_bad_arguments_and_unsupported_loop_faults_say_what_was_expected():
 
 
 def test_a_two_process_ddp_loop_takes_the_same_decisions_on_every_rank(tmp_path):
-    """Faults on rank 1 only (a NaN loss, later NaN weights): both ranks must still skip, then roll
-    back, together, and end with the same weights."""
+    """Faults on rank 1 only (a NaN loss, later NaN weights, then its LR x100): both ranks must still
+    skip, roll back, and put the LR back together, and end with the same weights. (The LR spike was
+    judged by rank 1 alone: it skipped, rank 0 stepped, and the weights parted for good.)"""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "ddp_loop_run.py"), str(tmp_path),
-                           "nan_loss@12,nan_weight@25"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           "nan_loss@12,nan_weight@25,lr_scale@33"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
-    assert [d[:2] for d in ranks[0]["decisions"]] == [[12, "nan_loss"], [25, "weight_corruption"]]
+    assert [d[:2] for d in ranks[0]["decisions"]][:3] == [[12, "nan_loss"], [25, "weight_corruption"], [33, "lr_spike"]]
     assert ranks[0]["decisions"][1][2] == ["rollback"]
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["finite"] and ranks[1]["finite"]
     assert ranks[1]["fired"] and not ranks[0]["fired"]  # the faults were on rank 1 alone
