@@ -197,7 +197,10 @@ class Healer:
                 parts.append(loss.detach().float().reshape(()))
             if isinstance(grad_norm, torch.Tensor):
                 parts.append(grad_norm.detach().float().reshape(()).to(parts[0].device if parts else grad_norm.device))
-            values = torch.stack(parts).tolist() if parts else []  # the one host sync of the step
+            if all(t.device.type == "cpu" for t in parts):  # nothing to sync: skip the stack's allocation
+                values = [t.item() for t in parts]
+            else:
+                values = torch.stack(parts).tolist()  # the one host sync of the step
             if isinstance(loss, torch.Tensor):
                 loss_f = values.pop(0)
             elif isinstance(loss, (int, float)):
