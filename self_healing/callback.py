@@ -396,6 +396,23 @@ class SelfHealingCallback(TrainerCallback):
         self._wrapped[name] = t.__dict__.get(name)
         setattr(t, name, factory(getattr(t, name)))
 
+    def wrap(self, name: str, factory) -> None:
+        """Wrap the trainer's method `name` with `factory(orig)` so that `detach` undoes it; a method
+        the plugin wrapped already gets the new layer on top (detach drops both)."""
+        if name in self._wrapped:
+            setattr(self.trainer, name, factory(getattr(self.trainer, name)))
+        else:
+            self._wrap(name, factory)
+
+    def is_wrapped(self, name: str) -> bool:
+        return name in self._wrapped
+
+    def preempt_now(self, step: int, control, signum: int) -> None:
+        """Act on the agreed preemption signal `signum` at `step` (the watchdog's early exits: an
+        aborted evaluation, a signal during a save)."""
+        self._agreed_preempt = int(signum)
+        self._preempt(step, control)
+
     def _make_training_step(self, orig):
         def training_step(model, inputs, num_items_in_batch=None, *args, **kwargs):
             if self.passthrough:

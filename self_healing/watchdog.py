@@ -1050,10 +1050,7 @@ class WatchdogHooks:
 
                 return wrapped
 
-            if name in cb._wrapped:  # the callback's own wrapper: layer on it (detach drops both)
-                setattr(t, name, factory(getattr(t, name)))
-            else:
-                cb._wrap(name, factory)
+            cb.wrap(name, factory)  # on the callback's own wrapper, if any (detach drops both)
 
         around("get_batch_samples", "data_wait", after="train_step")
         around("evaluate", "evaluation")
@@ -1064,8 +1061,8 @@ class WatchdogHooks:
             if hasattr(t, gen):
                 around(gen, "generation", after="train_step")
                 break
-        if hasattr(t, "_load_optimizer_and_scheduler") and "_load_optimizer_and_scheduler" not in cb._wrapped:
-            cb._wrap("_load_optimizer_and_scheduler", self._load_with_fast_state)
+        if hasattr(t, "_load_optimizer_and_scheduler") and not cb.is_wrapped("_load_optimizer_and_scheduler"):
+            cb.wrap("_load_optimizer_and_scheduler", self._load_with_fast_state)
 
     def _load_with_fast_state(self, orig):
         """A resume from a fast state without the optimizer state: the Trainer then loads neither it nor
@@ -1147,8 +1144,7 @@ class WatchdogHooks:
 
         if (cb.preempt_signal and cb.preempted_at is None and not is_distributed()
                 and cb.orchestrator_active and not cb.gave_up):
-            cb._agreed_preempt = cb.preempt_signal
-            cb._preempt(state.global_step, control)
+            cb.preempt_now(state.global_step, control, cb.preempt_signal)
             control.should_save = False  # written already
         return control
 
@@ -1206,8 +1202,7 @@ class WatchdogHooks:
         if not flag or cb.preempted_at is not None:
             return
         cb.preempt_signal = cb.preempt_signal or int(flag)
-        cb._agreed_preempt = int(flag)
-        cb._preempt(state.global_step, control)
+        cb.preempt_now(state.global_step, control, int(flag))
         cb.recorder.extra["evaluation_aborted"] = True
         self._eval_steps = 0
         self.watchdog.beat("preemption")
