@@ -91,6 +91,10 @@ INTERNALS: dict[str, Internal] = {
     "trackio Run._next_step": Internal(
         "the Trainer's trackio rows land on global_step after a rollback", "trackio 0.43",
         "warning once: the dashboard's step axis is not realigned"),
+    "torch DistributedDataParallel._run_ddp_forward, .require_forward_param_sync": Internal(
+        "a rank re-running a step that failed inside DDP's forward skips the buffer broadcast it already issued",
+        "torch 2.13", "unguarded (DDP only, a rank whose step failed): the re-run broadcasts again and the ranks end at "
+        "the collective timeout (auto-resume takes over)"),
     "torch._foreach_mul_": Internal("fault injection scales many tensors at once", "torch 2.13",
                                     "fallback: one mul_ per tensor"),
 }
@@ -149,49 +153,49 @@ def present(trainer: Any, name: str) -> bool:
 # gradient norm and ZClip
 # ------------------------------------------------------------------------------------------------
 def _measure_params(accelerator: Any, params: list) -> Any:
-    """The pre-clip norm of `params` without touching them (the fallback's `_measure_grad_norm`)."""
-    from .callback import _measure_grad_norm
+    """The pre-clip norm of `params` without touching them (the fallback's `measure_grad_norm`)."""
+    from .hf_patches import measure_grad_norm
 
-    class _Params:  # _measure_grad_norm reads model.parameters() only
+    class _Params:  # measure_grad_norm reads model.parameters() only
         def parameters(self):
             return iter(params)
 
-    return _measure_grad_norm(accelerator, _Params())
+    return measure_grad_norm(accelerator, _Params())
 
 
-def install_grad_norm(cb: Any) -> None:
-    """Keep the step's pre-clip grad norm in `cb._grad_norm`; with ZClip on, make the Trainer's
-    clipping measure only (ZClip clips in on_pre_optimizer_step).
+def install_grad_norm(patches: Any) -> None:
+    """Keep the step's pre-clip grad norm in `patches.grad_norm` (a `hf_patches.TrainerPatches`);
+    with ZClip on, make the Trainer's clipping measure only (ZClip clips in on_pre_optimizer_step).
 
     transformers 5.3+: wraps `_get_grad_norm` / `_clip_grad_norm` (no extra pass). Older releases
     call `accelerator.clip_grad_norm_` straight from the training loop (and nothing at all when
     `max_grad_norm` is 0): that public call is wrapped on the trainer's accelerator instead, and
     `ensure_grad_norm` measures the norm when the loop did not."""
-    t = cb.trainer
-    cb._grad_norm_fallback = not hasattr(t, "_get_grad_norm") or (
-        cb.config.zclip_enabled and not hasattr(t, "_clip_grad_norm"))
+    t = patches.trainer
+    zclip_on = patches.config.zclip_enabled
+    patches.grad_norm_fallback = not hasattr(t, "_get_grad_norm") or (zclip_on and not hasattr(t, "_clip_grad_norm"))
     if hasattr(t, "_get_grad_norm"):
-        cb._wrap("_get_grad_norm", cb._make_get_grad_norm)
-    if cb.config.zclip_enabled and hasattr(t, "_clip_grad_norm"):
-        cb._wrap("_clip_grad_norm", cb._make_clip_grad_norm)
-    if not cb._grad_norm_fallback:
+        patches.wrap("_get_grad_norm", patches.make_get_grad_norm)
+    if zclip_on and hasattr(t, "_clip_grad_norm"):
+        patches.wrap("_clip_grad_norm", patches.make_clip_grad_norm)
+    if not patches.grad_norm_fallback:
         return
     acc = t.accelerator
     orig = acc.clip_grad_norm_
-    zclip = cb.config.zclip_enabled and not hasattr(t, "_clip_grad_norm")
+    zclip = zclip_on and not hasattr(t, "_clip_grad_norm")
     record = not hasattr(t, "_get_grad_norm")
 
     def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
         """The Trainer's clipping call: measured only with ZClip on (ZClip clips later), and its
         pre-clip norm kept for the detectors; the plugin's own inf-norm measurement passes through."""
-        if cb.passthrough or max_norm == float("inf"):
+        if patches.passthrough or max_norm == float("inf"):
             return orig(parameters, max_norm, *args, **kwargs)
         if zclip:  # its FSDP/DeepSpeed path calls clip_grad_norm_(inf): passed through above
             out = _measure_params(acc, list(parameters))
         else:
             out = orig(parameters, max_norm, *args, **kwargs)
         if record or zclip:
-            cb._grad_norm = out.full_tensor() if hasattr(out, "full_tensor") else out
+            patches.keep_grad_norm(out)
         return out
 
     prev = acc.__dict__.get("clip_grad_norm_")
@@ -203,24 +207,36 @@ def install_grad_norm(cb: Any) -> None:
         else:
             acc.clip_grad_norm_ = prev
 
-    cb._compat_undo = getattr(cb, "_compat_undo", []) + [restore]
+    patches.add_undo(restore)  # at detach: remove what was put on an object other than the trainer
 
 
-def ensure_grad_norm(cb: Any) -> None:
+def ensure_grad_norm(patches: Any) -> None:
     """On the fallback path, at on_pre_optimizer_step: measure the norm the loop did not compute
     (old transformers with `max_grad_norm` 0). A no-op on transformers 5.3+."""
-    if getattr(cb, "_grad_norm_fallback", False) and cb._grad_norm is None and not cb.passthrough:
-        from .callback import _measure_grad_norm
+    if patches.grad_norm_fallback and patches.grad_norm is None and not patches.passthrough:
+        from .hf_patches import measure_grad_norm
 
-        if any(p.grad is not None for p in cb.trainer.model.parameters()):
-            cb._grad_norm = _measure_grad_norm(cb.trainer.accelerator, cb.trainer.model)
+        t = patches.trainer
+        if any(p.grad is not None for p in t.model.parameters()):
+            patches.grad_norm = measure_grad_norm(t.accelerator, t.model)
 
 
-def undo(cb: Any) -> None:
-    """At detach: remove what `install_grad_norm` put on objects other than the trainer."""
-    for fn in reversed(getattr(cb, "_compat_undo", [])):
-        fn()
-    cb._compat_undo = []
+def wrap_save_checkpoint(trainer: Any, wrap: Callable[[str, Callable], None], factory: Callable) -> None:
+    """`wrap("_save_checkpoint", factory)` where the release has it (errors while saving are
+    tagged 'save'); a missing one is warned about once (`present`)."""
+    if present(trainer, "_save_checkpoint"):
+        wrap("_save_checkpoint", factory)
+
+
+def skip_ddp_buffer_broadcast(model: Any, exc: BaseException) -> None:
+    """A rank re-running a failed step to join the collectives: when the failure came out of DDP's
+    forward (`DistributedDataParallel._run_ddp_forward`), that forward already broadcast the
+    buffers, so the re-run must not broadcast them again (`require_forward_param_sync`)."""
+    from .hf_patches import raised_inside
+
+    ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+    if ddp is not None and raised_inside(exc, "torch/nn/parallel/distributed.py", "_run_ddp_forward"):
+        ddp.require_forward_param_sync = False
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_every_listed_trainer_internal_goes_through_compat():
     version handling (and its fallback)."""
     names = ["_get_grad_norm", "_clip_grad_norm", "_get_num_items_in_batch", "_save_optimizer_and_scheduler",
              "_save_scaler", "_save_rng_state", "_tr_loss", "_train_batch_size", "_created_lr_scheduler",
-             "_buffered_inputs", "_last_lr", "_next_step", "safe_globals"]
+             "_buffered_inputs", "_last_lr", "_next_step", "safe_globals", "_run_ddp_forward"]
     pkg = Path(compat.__file__).parent
     offenders = []
     for f in sorted(pkg.glob("*.py")):
@@ -169,6 +169,14 @@ def test_guard_trackio_run_numbers_rows_from_next_step():
     assert "self._next_step =" in init and "self._next_step" in log
 
 
+def test_guard_ddp_forward_frame_and_param_sync_flag():
+    """A rank re-running a step that failed inside DDP's forward recognises that frame by name and
+    turns off the buffer broadcast through `require_forward_param_sync` (compat)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    assert callable(ddp._run_ddp_forward) and "require_forward_param_sync" in inspect.getsource(ddp)
+    assert ddp._run_ddp_forward.__code__.co_filename.replace("\\", "/").endswith("torch/nn/parallel/distributed.py")
+
+
 def test_guard_foreach_mul():
     ts = [torch.ones(2), torch.ones(3)]
     compat.foreach_mul_(ts, 3.0)
@@ -187,7 +195,7 @@ def test_fallback_grad_norm_still_detects_an_explosion(tmp_path, max_grad_norm):
     inject_faults(tr, Fault("grad_scale", step=12))
     with hidden(tr, "_get_grad_norm", "_clip_grad_norm"):
         sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5))
-    assert sh.callback._grad_norm_fallback
+    assert sh.callback.patches.grad_norm_fallback
     seen, at_step = [], []
     sh.callback.observers.append(type("Obs", (), {"on_step": lambda self, step, s, info: seen.append(s)})())
     tr.create_optimizer()
@@ -304,7 +312,7 @@ def test_missing_save_checkpoint_is_warned_at_attach(tmp_path, caplog):
     with hidden(tr, "_save_checkpoint"), caplog.at_level(logging.WARNING, logger="self_healing"):
         cb = SelfHealingCallback(HealingConfig()).attach(tr)
     assert any("Trainer._save_checkpoint is missing" in r.getMessage() for r in caplog.records)
-    assert "_save_checkpoint" not in cb._wrapped
+    assert not cb.is_wrapped("_save_checkpoint")
     cb.detach()
 
 
@@ -313,8 +321,8 @@ def test_on_this_version_the_fallback_is_used_exactly_when_the_hooks_are_missing
     trainer); older: the wrapper is installed."""
     tr = tiny(tmp_path)
     cb = SelfHealingCallback(HealingConfig(zclip_enabled=True)).attach(tr)
-    assert cb._grad_norm_fallback is (not HAS_NORM_HOOKS)
+    assert cb.patches.grad_norm_fallback is (not HAS_NORM_HOOKS)
     assert ("clip_grad_norm_" in tr.accelerator.__dict__) is (not HAS_NORM_HOOKS)
-    assert ("_get_grad_norm" in cb._wrapped) is HAS_NORM_HOOKS
+    assert cb.is_wrapped("_get_grad_norm") is HAS_NORM_HOOKS
     cb.detach()
     assert "clip_grad_norm_" not in tr.accelerator.__dict__ and "_get_grad_norm" not in tr.__dict__
