@@ -31,7 +31,7 @@ The watchdog wakes every `hang_poll_seconds` (1 s by default) and compares the t
 the current phase with that phase's bound, `max(floor, hang_factor x the longest of its last 64
 durations)` (a run's own history: a slow-but-steady eval step or save calibrates its own bound);
 the floor is `hang_floor_seconds` for steps, `hang_startup_seconds` for startup and for the first
-`_WARMUP` durations of every step-like phase (compilation, cache warm-up), `hang_save_seconds`
+`WARMUP` durations of every step-like phase (compilation, cache warm-up), `hang_save_seconds`
 for saves, recovery, the end-of-evaluation metrics and the end of training. `hang_phase_seconds`
 fixes the bound of a phase outright. When the bound is passed:
 
@@ -55,772 +55,120 @@ for this launch and for the job across relaunches (see `Goodput`).
 
 from __future__ import annotations
 
-import faulthandler
-import json
 import logging
-import math
 import os
-import socket
-import sys
 import threading
 import time
-import traceback
-from collections import deque
-from pathlib import Path
 from typing import Any
 
 from . import compat
+from .goodput import GOODPUT_PARTS, PHASE_PART, STRAGGLER_FACTOR, STRAGGLER_MIN_SECONDS, STRAGGLER_WINDOW, Goodput, \
+    Stragglers
+from .grace import PreemptionGrace, fast_state_info
+from .hangs import (HANG_DIR, HANG_EXIT_CODE, HEARTBEAT_FILE_SECONDS, PEER_WAIT_SECONDS, REPORT_TIMEOUT,
+                    TRAINER_INNER_LOOP, TRAINER_LOAD_BEST_MODEL, TRAINER_LOAD_OPTIMIZER, TRAINER_SAVE_CHECKPOINT,
+                    TRL_GENERATION, HangDetector, debugger_or_notebook, flight_recorder, flight_recorder_summary,
+                    hang_dir, heartbeat_path, looks_like_peer_loss, ranks_behind, read_heartbeats)
+from .phases import HISTORY, IDLE, LONG_PHASES, PHASES, STEP_PHASES, WARMUP, PhaseClock, rank_info
 
 logger = logging.getLogger("self_healing")
 
-HANG_EXIT_CODE = 75
-"""`os._exit` code of a hung process (`EX_TEMPFAIL` of sysexits.h: a temporary failure, retry).
-Distinct from the plugin's other exits: 128 + signal number after a preemption, 1 (the CLI's
-"the run did not complete"), 2 (CLI usage errors)."""
-
-HANG_DIR = "self-healing"
-"""Inside `output_dir`: hang dumps and heartbeat files (the plugin's own directory)."""
-
-PHASES = ("startup", "data_wait", "train_step", "generation", "after_step", "evaluation", "eval_step", "save",
-          "recovery", "finishing", "preemption")
-_STEP_PHASES = ("data_wait", "train_step", "generation", "after_step", "eval_step")
-"""Phases bounded by `hang_floor_seconds` (after warm-up) and their own history."""
-_LONG_PHASES = ("save", "recovery", "finishing", "evaluation")
-"""Phases bounded by `hang_save_seconds`: I/O and one-off work of unpredictable length."""
-_WARMUP = 3
-"""Durations a step-like phase needs before its floor drops from `hang_startup_seconds`."""
-_HISTORY = 64
-_IDLE = "idle"
-_HEARTBEAT_FILE_SECONDS = 5.0
-_REPORT_TIMEOUT = 60.0
-_PEER_WAIT_SECONDS = 3.0
-"""How long a rank whose collective failed on a lost connection looks for a peer's `hung` heartbeat."""
-"""The most the hang report (dump, postmortem) may take before the process exits anyway."""
-
-GOODPUT_PARTS = ("productive", "lost", "recovery", "checkpointing", "evaluation", "startup", "data_and_logging",
-                 "finishing", "hung", "preemption", "between_launches", "unaccounted")
-"""Where a launch's (and the job's) wall time went; the parts sum to the wall time.
-
-- productive: optimizer steps that count (forward, backward, all-reduce, optimizer, generation);
-- lost: steps whose work was thrown away: skipped, rolled back, failed with an exception, or
-  recomputed after a resume (the steps between the checkpoint and where the previous launch got);
-- recovery: from an exception leaving the training loop to training again (diagnosis, resume
-  checkpoint, reload);
-- checkpointing: saves; evaluation: evaluations; startup: `train()` to the first batch;
-- data_and_logging: waiting for batches, and the Trainer's logging and callbacks between steps;
-- finishing: the end of training to the postmortem; hung: a phase past its bound until the exit;
-  preemption: a preemption's checkpoint and exit;
-- between_launches (job only): from a launch's last sign of life to the next launch's start
-  (a hang's or a kill's wait for the relaunch, the scheduler's queue);
-- unaccounted (job only): a launch killed before its first heartbeat file."""
-
-_PHASE_PART = {"startup": "startup", "data_wait": "data_and_logging", "after_step": "data_and_logging",
-               "evaluation": "evaluation", "eval_step": "evaluation", "save": "checkpointing",
-               "recovery": "recovery", "finishing": "finishing", "preemption": "preemption"}
+# the names this module had before its split, for code that imports them from here
+_STEP_PHASES, _LONG_PHASES, _WARMUP, _HISTORY, _IDLE = STEP_PHASES, LONG_PHASES, WARMUP, HISTORY, IDLE
+_HEARTBEAT_FILE_SECONDS, _REPORT_TIMEOUT, _PEER_WAIT_SECONDS = HEARTBEAT_FILE_SECONDS, REPORT_TIMEOUT, PEER_WAIT_SECONDS
+_PHASE_PART, _rank_info, _ranks_behind = PHASE_PART, rank_info, ranks_behind
+_looks_like_peer_loss = looks_like_peer_loss
+_debugger_or_notebook, _flight_recorder, _flight_recorder_summary = (debugger_or_notebook, flight_recorder,
+                                                                     flight_recorder_summary)
 
 
-def hang_dir(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / HANG_DIR
-
-
-def heartbeat_path(output_dir: str | os.PathLike, rank: int) -> Path:
-    return hang_dir(output_dir) / f"heartbeat-rank{rank}.json"
-
-
-def read_heartbeats(output_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
-    """Every rank's last heartbeat file in `output_dir` (rank -> its content)."""
-    out: dict[int, dict[str, Any]] = {}
-    for p in hang_dir(output_dir).glob("heartbeat-rank*.json"):
-        try:
-            r = int(p.stem.rsplit("rank", 1)[1])
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (ValueError, OSError, IndexError):
-            continue
-        if isinstance(data, dict):
-            out[r] = data
-    return dict(sorted(out.items()))
-
-
-def _rank_info(trainer: Any) -> tuple[int, int]:
-    from .distributed import rank, world_size
-
-    try:
-        return rank(), world_size()
-    except Exception:  # noqa: BLE001
-        return int(getattr(trainer.args, "process_index", 0) or 0), int(getattr(trainer.args, "world_size", 1) or 1)
+def _part(part: str, name: str, doc: str) -> property:
+    """An attribute of the watchdog that lives on one of its parts (read and written there)."""
+    return property(lambda self: getattr(getattr(self, part), name),
+                    lambda self, value: setattr(getattr(self, part), name, value), doc=doc)
 
 
 class Watchdog:
     """One per `SelfHealingCallback` (per process). `beat(phase)` is the training thread's whole
-    cost; everything else runs on the watchdog thread or at the run's edges."""
+    cost; everything else runs on the watchdog thread or at the run's edges.
+
+    A facade over its parts, each with one concern: `clock` (the phases, their history and bounds),
+    `hangs` (heartbeat files, the hang report and exit), `preemption` (the grace after a signal) and
+    `accounting` (goodput, stragglers). It owns the two threads and what they run."""
 
     def __init__(self, callback: Any) -> None:
         self.cb = callback
         self.config = callback.config
-        self._beat: tuple[str, float, int] = (_IDLE, time.monotonic(), 0)
-        """(phase, monotonic time it began, trainer step): replaced whole, never mutated."""
-        self._spent: dict[str, float] = {}
-        self._history: dict[str, deque[float]] = {}
+        self.exit = os._exit  # tests replace it; the parts call it through here
+        self.clock = PhaseClock(callback)
+        self.beat = self.clock.beat  # the training thread's per-phase call, without a delegation hop
+        self.hangs = HangDetector(callback, self.clock, exit=lambda code: self.exit(code), alert=self._alert,
+                                  goodput=lambda: self.goodput())
+        self.preemption = PreemptionGrace(callback, self.clock, self.hangs, exit=lambda code: self.exit(code))
+        self.accounting = Goodput(callback, self.clock, self.hangs, alert=self._alert)
         self._thread: threading.Thread | None = None
         self._hb_thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._main_ident = threading.main_thread().ident
-        """The training thread (the one that called `train()`; set again by `start_run`)."""
-        self._warned_beat: tuple[str, float, int] | None = None
-        self.tripped: dict[str, Any] | None = None
-        self.hang_warnings: list[dict[str, Any]] = []
-        self.exit = os._exit  # tests replace it
-        # goodput
-        self.started_wall = time.time()
-        self.started_mono = time.monotonic()
-        self._step_time = 0.0
-        """Train-step time of the step in progress (phases train_step + generation)."""
-        self._step_skipped = False
-        self._recent_steps: deque[list[Any]] = deque(maxlen=4096)
-        """[step, seconds, lost?] of recent finished steps (a rollback moves them to lost)."""
-        self.lost = {"skipped": 0.0, "rolled_back": 0.0, "failed": 0.0, "recomputed": 0.0}
-        self._seen_steps_lost = 0
-        self.recompute_until = -1
-        self.job_base: dict[str, Any] | None = None
-        self.preempt_time: float | None = None
-        self.where = ""
-        """Inside a train step: "forward", "backward" (DDP's gradient all-reduce runs there) or
-        "optimizer"; a plain attribute write from a forward pre-hook and around `accelerator.backward`,
-        read only by the heartbeat file, so a hung rank can be told from the ranks waiting for it."""
-        self._hooks: list[Any] = []
-        self._own = 0.0
-        """This rank's own time in the step so far, none of it spent waiting for other ranks: its
-        data wait and its forward passes (DDP's all-reduce starts in backward). Gathered each step
-        with the step's signals for straggler detection."""
-        self._fwd_t: float | None = None
-        self.stragglers = Stragglers()
-        self._grace_checked = False
-        self.grace_estimate: dict[str, Any] | None = None
-        self._report_lock = threading.Lock()
-        """Held by whichever thread writes this process's hang report (the watchdog at a bound, the
-        training thread when a collective failed because a peer hung): one report, one exit."""
-        self._reported = threading.Event()
-        self.hung_marker: dict[str, Any] | None = None
-        """Set when this process ends as hung: written into its heartbeat file before the exit, so
-        the ranks whose collectives then fail on the closed connection know why."""
 
-    # ------------------------------------------------------------------------------------------
-    # the training thread's side: microseconds
-    # ------------------------------------------------------------------------------------------
-    def beat(self, phase: str, step: int | None = None) -> None:
+    # --- what the rest of the plugin reads and writes here ------------------------------------------
+    def beat(self, phase: str, step: int | None = None) -> None:  # replaced in __init__ by clock.beat
         """Enter `phase` now (the same phase again restarts its clock)."""
-        now = time.monotonic()
-        prev = self._beat
-        d = now - prev[1]
-        last = prev[0]
-        self._spent[last] = self._spent.get(last, 0.0) + d
-        if last == "train_step" or last == "generation":
-            self._step_time += d
-        elif last == "data_wait":
-            self._own += d
-        h = self._history.get(last)
-        if h is None:
-            h = self._history[last] = deque(maxlen=_HISTORY)
-        h.append(d)
-        if step is None:
-            st = getattr(getattr(self.cb, "trainer", None), "state", None)
-            step = getattr(st, "global_step", prev[2]) if st is not None else prev[2]
-        self._beat = (phase, now, step)
-        self.where = ""
+        self.clock.beat(phase, step)
 
     @property
     def phase(self) -> str:
-        return self._beat[0]
+        return self.clock.current[0]
 
-    # ------------------------------------------------------------------------------------------
-    # lifecycle
-    # ------------------------------------------------------------------------------------------
-    def start_run(self) -> None:
-        """A fresh `train()`: new clocks, phase `startup`, the threads running (when enabled)."""
-        self._spent = {}
-        self._history = {}
-        self.tripped = None
-        self.hang_warnings = []
-        self._warned_beat = None
-        self.started_wall, self.started_mono = time.time(), time.monotonic()
-        self._main_ident = threading.get_ident()  # train() may run in a thread of its own
-        self._step_time, self._step_skipped = 0.0, False
-        self._recent_steps.clear()
-        self.lost = dict.fromkeys(self.lost, 0.0)
-        self._seen_steps_lost = 0
-        self.recompute_until = -1
-        self.job_base = None
-        self.preempt_time = None
-        self._own, self._fwd_t, self.stragglers = 0.0, None, Stragglers()
-        self._grace_checked, self.grace_estimate = False, None
-        self._report_lock, self._reported, self.hung_marker = threading.Lock(), threading.Event(), None
-        self._beat = ("startup", self.started_mono, 0)
-        self._prev_heartbeat = None  # a killed launch's last word on its goodput, before ours replaces it
-        t = getattr(self.cb, "trainer", None)
-        if t is not None:
-            try:
-                self._prev_heartbeat = read_heartbeats(t.args.output_dir).get(0)
-            except Exception:  # noqa: BLE001
-                pass
-        self._stop.set()  # the threads of an earlier train() end at their next wake-up
-        self._stop = stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, args=(stop,), name="self-healing-watchdog", daemon=True)
-        self._thread.start()  # hangs when hang_detection is on; the preemption grace always
-        self._hb_thread = threading.Thread(target=self._heartbeat_files, args=(stop,), name="self-healing-heartbeat",
-                                           daemon=True)
-        self._hb_thread.start()
-        self._add_step_hooks()
+    _beat = _part("clock", "current", "(phase, monotonic start, step); benchmarks/overhead.py sets it")
+    where = _part("clock", "where", "Inside a train step: forward, backward or optimizer.")
+    started_wall = _part("clock", "started_wall", "This launch's start (time.time()).")
+    started_mono = _part("clock", "started_mono", "This launch's start (time.monotonic()).")
+    tripped = _part("hangs", "tripped", "The hang (or grace overrun) this process ends with.")
+    hang_warnings = _part("hangs", "hang_warnings", "Hangs reported with on_hang='warn'.")
+    hung_marker = _part("hangs", "hung_marker", "Written into the heartbeat file before a hang's exit.")
+    preempt_time = _part("preemption", "preempt_time", "time.monotonic() of the preemption signal.")
+    grace_estimate = _part("preemption", "grace_estimate", "The step's rest and a save, estimated at the signal.")
+    lost = _part("accounting", "lost", "Seconds of lost steps by cause.")
+    recompute_until = _part("accounting", "recompute_until", "Steps up to here redo the previous launch's.")
+    job_base = _part("accounting", "job_base", "The job's goodput before this launch.")
+    stragglers = _part("accounting", "stragglers", "The straggler detector.")
 
-    def stop(self) -> None:
-        """Back to idle: nothing is watched (the threads end at their next wake-up)."""
-        self.beat(_IDLE)
-        self._stop.set()
-        self._remove_step_hooks()
-
-    def _add_step_hooks(self) -> None:
-        """Under several processes: where in the step this rank is (forward, backward, optimizer)."""
-        self._remove_step_hooks()
-        t = getattr(self.cb, "trainer", None)
-        if t is None or _rank_info(t)[1] <= 1:
-            return
-        try:
-            def forward(module: Any, args: Any) -> None:
-                self.where = "forward"
-                self._fwd_t = time.monotonic()
-
-            self._hooks.append(t.model.register_forward_pre_hook(forward, prepend=True))
-            acc = t.accelerator
-            orig = acc.backward
-
-            def backward(*args: Any, **kwargs: Any) -> Any:
-                self.where = "backward"
-                if self._fwd_t is not None:
-                    self._own += time.monotonic() - self._fwd_t
-                    self._fwd_t = None
-                out = orig(*args, **kwargs)
-                self.where = "optimizer"
-                return out
-
-            acc.backward = backward
-            self._hooks.append(lambda: acc.__dict__.pop("backward", None))
-        except Exception:  # noqa: BLE001 - a finer heartbeat is a nicety
-            pass
-
-    def _remove_step_hooks(self) -> None:
-        for h in self._hooks:
-            try:
-                h.remove() if hasattr(h, "remove") else h()
-            except Exception:  # noqa: BLE001
-                pass
-        self._hooks = []
-
-    def _check_grace_fits(self, beat: tuple[str, float, int], signal_time: float) -> None:
-        """Right after a preemption signal: will the phase in progress plus a checkpoint fit in the
-        grace? Said at once (from the run's own timings), so a too-short grace is not a surprise."""
-        phase, since, _step = beat
-
-        def typical(ph: str) -> float | None:
-            h = sorted(self._history.get(ph) or ())
-            return h[len(h) // 2] if h else None
-
-        left = None
-        if phase in ("train_step", "generation", "eval_step", "data_wait", "after_step"):
-            t = typical(phase)
-            left = max(0.0, t - (time.monotonic() - since)) if t is not None else None
-        save = typical("save")
-        self.grace_estimate = {"phase": phase, "phase_seconds_left": None if left is None else round(left, 2),
-                               "save_seconds": None if save is None else round(save, 2)}
-        need = (left or 0.0) + (save or 0.0)
-        grace = self.config.preemption_grace_seconds - (time.monotonic() - signal_time)
-        if need > grace:
-            logger.warning("self-healing: preemption: the %s in progress (~%.1fs left) and a checkpoint (~%.1fs) will "
-                           "likely not fit in the %.1fs of grace left (preemption_grace_seconds=%g); raise it, or "
-                           "the scheduler's kill delay (Slurm KillWait, spot notice), or save faster", phase,
-                           left or 0.0, save or 0.0, grace, self.config.preemption_grace_seconds)
+    def bound(self, phase: str) -> float:
+        return self.clock.bound(phase)
 
     def save_plan(self) -> tuple[float | None, float | None]:
-        """At a preemption: (the `time.monotonic()` by which its checkpoint must be on disk, what a
-        save takes here in seconds): the grace less a reserve for the postmortem and the exit, and
-        the longest of this launch's last 8 saves (None before the first one, or without a signal)."""
-        if self.preempt_time is None:
-            return None, None
-        grace = float(self.config.preemption_grace_seconds)
-        saves = list(self._history.get("save") or ())[-8:]
-        return self.preempt_time + grace - min(2.0, 0.1 * grace), (max(saves) if saves else None)
+        return self.preemption.save_plan()
 
     def on_preempt_signal(self) -> None:
-        """Called from the signal handler: the grace starts now."""
-        if self.preempt_time is None:
-            self.preempt_time = time.monotonic()
-
-    # ------------------------------------------------------------------------------------------
-    # bounds
-    # ------------------------------------------------------------------------------------------
-    def bound(self, phase: str) -> float:
-        cfg = self.config
-        fixed = (cfg.hang_phase_seconds or {}).get(phase)
-        if fixed is not None:
-            return float(fixed)
-        if phase == "startup":
-            return float(cfg.hang_startup_seconds)
-        if phase == "preemption":
-            return float(cfg.preemption_grace_seconds)
-        try:
-            hist = list(self._history.get(phase) or ())
-        except RuntimeError:  # mutated while copied (only under free-threading)
-            hist = []
-        if phase in _LONG_PHASES:
-            floor = float(cfg.hang_save_seconds)
-        elif len(hist) < _WARMUP:
-            floor = float(cfg.hang_startup_seconds)
-        else:
-            floor = float(cfg.hang_floor_seconds)
-        return max(floor, cfg.hang_factor * max(hist)) if hist else floor
-
-    # ------------------------------------------------------------------------------------------
-    # the watchdog thread
-    # ------------------------------------------------------------------------------------------
-    def _watch(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            phase, since, step = beat = self._beat
-            pt = self.preempt_time
-            if pt is not None and not self._grace_checked and phase != _IDLE:
-                self._grace_checked = True
-                try:
-                    self._check_grace_fits(beat, pt)
-                except Exception:  # noqa: BLE001
-                    pass
-            if pt is not None and phase != _IDLE and self.tripped is None and \
-                    time.monotonic() - pt > self.config.preemption_grace_seconds:
-                try:
-                    self._on_grace_exceeded(beat, time.monotonic() - pt)
-                except Exception as exc:  # noqa: BLE001
-                    logger.warning("self-healing: watchdog check failed (%s: %s)", type(exc).__name__, exc)
-            elif self.config.hang_detection and phase != _IDLE and beat is not self._warned_beat:
-                try:
-                    b = self.bound(phase)
-                    waited = time.monotonic() - since
-                    if waited > b:
-                        if self._still_training():
-                            self._on_hang(beat, waited, b)
-                        else:  # train() left without a postmortem (an error before training began): stale
-                            self.stop()
-                except Exception as exc:  # noqa: BLE001 - the watchdog must never take the run down by mistake
-                    logger.warning("self-healing: watchdog check failed (%s: %s)", type(exc).__name__, exc)
-            stop.wait(self.config.hang_poll_seconds)
-
-    def _heartbeat_files(self, stop: threading.Event) -> None:
-        while True:
-            try:
-                self.write_heartbeat()
-            except Exception:  # noqa: BLE001 - best effort: an unwritable output_dir must not matter here
-                pass
-            if stop.wait(min(_HEARTBEAT_FILE_SECONDS, max(5 * self.config.hang_poll_seconds, 0.5))):
-                break
+        self.preemption.on_preempt_signal()
 
     def write_heartbeat(self) -> None:
-        t = getattr(self.cb, "trainer", None)
-        if t is None:
-            return
-        from .io import atomic_write_text
-
-        r, world = _rank_info(t)
-        phase, since, step = self._beat
-        data = {"rank": r, "world_size": world, "pid": os.getpid(), "host": socket.gethostname(), "step": step,
-                "phase": phase, "where": self.where, "phase_seconds": round(time.monotonic() - since, 3),
-                "time": time.time(),
-                "run_id": self.cb.recorder.extra.get("run_id"), "hung": self.hung_marker,
-                "goodput": self.goodput() if r == 0 else None}
-        atomic_write_text(heartbeat_path(t.args.output_dir, r), json.dumps(data, default=str))
-
-    # ------------------------------------------------------------------------------------------
-    # a hang
-    # ------------------------------------------------------------------------------------------
-    def _in_progress_step(self, phase: str, step: int) -> int:
-        return step + 1 if phase in ("data_wait", "train_step", "generation") else step
-
-    def _on_hang(self, beat: tuple[str, float, int], waited: float, bound: float,
-                 peers: dict[int, dict[str, Any]] | None = None, error: BaseException | None = None) -> None:
-        """Report a hang (and by default exit). `peers` (rank -> heartbeat): other ranks that ended
-        as hung, whose exit made this rank's collective fail with `error`: the same hang, seen here."""
-        phase, _since, step = beat
-        self._warned_beat = beat
-        t = self.cb.trainer
-        r, world = _rank_info(t)
-        at = self._in_progress_step(phase, step)
-        exiting = self.config.on_hang == "exit" or peers is not None  # a peer is gone: the group cannot go on
-        paused = _debugger_or_notebook(self._main_ident)
-        if exiting and paused and peers is None:  # a program stopped at a breakpoint is not hung
-            logger.warning("self-healing: %s: on_hang='exit' acts as 'warn' here", paused)
-            exiting = False
-        if exiting and not self._report_lock.acquire(blocking=False):
-            return  # the other thread is writing this process's hang report and exits
-        backstop = None
-        if exiting:  # whatever happens below (a write stuck on the same filesystem), the process ends
-            backstop = threading.Timer(_REPORT_TIMEOUT, lambda: self.exit(HANG_EXIT_CODE))
-            backstop.daemon = True
-            backstop.start()
-        if peers:
-            who = ", ".join(str(k) for k in sorted(peers))
-            first = next(iter(peers.values())).get("hung") or {}
-            summary = (f"rank(s) {who} hung ({first.get('phase')} at step {first.get('step')}) and were ended by "
-                       f"their watchdog; this rank's {phase} at step {at} then failed "
-                       f"({type(error).__name__}: {str(error).strip()[:200]})")
-        else:
-            summary = (f"{phase} at step {at} has not progressed for {waited:.1f}s (its bound is {bound:.1f}s: "
-                       f"{self._bound_reason(phase)})")
-        stack = self._training_stack()
-        path = self._dump(at, r, summary, stack)
-        ranks = {}
-        try:
-            now = time.time()
-            for rr, hb in read_heartbeats(t.args.output_dir).items():
-                ranks[str(rr)] = {"step": hb.get("step"), "phase": hb.get("phase"), "where": hb.get("where"),
-                                  "host": hb.get("host"),
-                                  "seconds_since_seen": round(now - float(hb.get("time", now)), 1),
-                                  "phase_seconds": hb.get("phase_seconds")}
-        except Exception:  # noqa: BLE001
-            pass
-        ranks[str(r)] = {**ranks.get(str(r), {}), "step": step, "phase": phase, "where": self.where,
-                         "host": socket.gethostname(), "seconds_since_seen": 0.0, "phase_seconds": round(waited, 1)}
-        hang = {"phase": phase, "step": at, "last_completed_step": step, "seconds_waited": round(waited, 2),
-                "bound_seconds": round(bound, 2), "bound_reason": self._bound_reason(phase), "rank": r,
-                "world_size": world, "dump": str(path) if path else None, "stack": stack,
-                "action": "exit" if exiting else "warn"}
-        if peers:
-            hang["hung_peers"] = sorted(peers)
-            hang["error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
-        if world > 1:
-            hang["ranks"] = ranks
-            behind = _ranks_behind(ranks)
-            stale = [k for k, v in ranks.items() if (v.get("seconds_since_seen") or 0) > 3 * _HEARTBEAT_FILE_SECONDS]
-            missing = [str(k) for k in range(world) if str(k) not in ranks]
-            hang["ranks_behind"], hang["ranks_not_seen"] = behind, sorted(set(stale + missing))
-            if behind:
-                v = ranks[behind[0]]
-                summary += (f"; rank(s) {', '.join(behind)} behind the others (at {v.get('phase')}"
-                            + (f"/{v['where']}" if v.get("where") else "") + f" of step {(v.get('step') or 0) + 1}): "
-                            "the others are waiting for them")
-            if hang["ranks_not_seen"]:
-                summary += f"; rank(s) {', '.join(hang['ranks_not_seen'])} not seen lately (dead?)"
-            hang["summary"] = summary
-        if peers and not behind:
-            hang["ranks_behind"] = [str(k) for k in sorted(peers)]
-        logger.error("self-healing: HANG: %s; stacks in %s%s", summary, path,
-                     "; exiting so the launcher can relaunch (auto-resume continues from the newest verified "
-                     f"checkpoint), exit code {HANG_EXIT_CODE}" if exiting else " (on_hang='warn': waiting)")
-        if not exiting:
-            self.hang_warnings.append({k: v for k, v in hang.items() if k != "stack"})
-            self._alert(f"hang at step {at}", summary, "ERROR", step)
-            return
-        self.tripped = hang
-        self._hang_spent = waited
-        self.hung_marker = {"phase": phase, "step": at, "summary": summary[:500]}
-        try:  # before the exit closes this rank's connections: the others read why their collective failed
-            self.write_heartbeat()
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            self.cb.finish("hung", extra={"hang": hang, "diagnosis": {"failure": "hang", "summary": summary}})
-        except Exception as exc:  # noqa: BLE001 - exit regardless
-            logger.error("self-healing: the hang postmortem could not be written (%s: %s)", type(exc).__name__, exc)
-        for h in logging.getLogger().handlers + logger.handlers:
-            try:
-                h.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        sys.stderr.flush()
-        if backstop is not None:
-            backstop.cancel()
-        self.exit(HANG_EXIT_CODE)
-        self._reported.set()  # only reached where `exit` was replaced (tests)
+        self.hangs.write_heartbeat()
 
     def loop_failed(self, error: BaseException) -> None:
-        """The training thread, as an exception leaves the training loop, before anything judges it:
-        when this process's own hang report is being written, wait for its exit (no second verdict);
-        when another rank ended as hung (its heartbeat file says so), this exception is that hang seen
-        from here (a collective failing on the closed connection): report `hung`, naming it."""
-        if self._report_lock.locked():
-            self._reported.wait(_REPORT_TIMEOUT + 5.0)
-            return
-        t = getattr(self.cb, "trainer", None)
-        if t is None or _rank_info(t)[1] <= 1 or self.phase == _IDLE:
-            return
-        peers = self._hung_peers(wait=_PEER_WAIT_SECONDS if _looks_like_peer_loss(error) else 0.0)
-        if peers:
-            beat = self._beat
-            self._on_hang(beat, time.monotonic() - beat[1], self.bound(beat[0]), peers=peers, error=error)
+        self.hangs.loop_failed(error)
 
-    def _hung_peers(self, wait: float) -> dict[int, dict[str, Any]]:
-        """Other ranks whose heartbeat file says they ended as hung; polled up to `wait` seconds
-        (a file written just before a peer's exit may reach a shared filesystem a little later)."""
-        t = self.cb.trainer
-        me = _rank_info(t)[0]
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                found = {r: hb for r, hb in read_heartbeats(t.args.output_dir).items()
-                         if r != me and isinstance(hb.get("hung"), dict)
-                         and float(hb.get("time") or 0) >= self.started_wall}  # not a previous launch's
-            except Exception:  # noqa: BLE001
-                found = {}
-            if found or time.monotonic() >= deadline:
-                return found
-            time.sleep(0.1)
+    def mark_step_skipped(self) -> None:
+        self.accounting.mark_step_skipped()
 
-    def _on_grace_exceeded(self, beat: tuple[str, float, int], since_signal: float) -> None:
-        """The preemption grace ran out before the checkpoint and exit: say so (stacks, postmortem)
-        and exit now, before the SIGKILL that is coming would leave nothing."""
-        import signal as _signal
-
-        phase, _since, step = beat
-        t = self.cb.trainer
-        sig = self.cb.preempt_signal or _signal.SIGTERM
-        name = _signal.Signals(sig).name
-        r, _world = _rank_info(t)
-        summary = (f"{name} {since_signal:.1f}s ago and no checkpoint yet (preemption_grace_seconds="
-                   f"{self.config.preemption_grace_seconds:g}): still in {phase} at step {step}")
-        stack = self._training_stack()
-        path = self._dump(step, r, summary, stack)
-        self.tripped = {"phase": phase, "step": step}
-        self._hang_spent = 0.0
-        fast = self._fast_state()
-        if fast is not None:
-            summary += f"; the fast resumable state {fast} was written before (a relaunch resumes from it)"
-        logger.error("self-healing: %s; stacks in %s; exiting now", summary, path)
-        try:
-            self.cb.finish("interrupted", extra={"signal": name, "checkpoint": str(fast) if fast else None,
-                                                 "checkpoint_problem": summary,
-                                                 "preemption": {"grace_seconds": self.config.preemption_grace_seconds,
-                                                                "seconds_since_signal": round(since_signal, 2),
-                                                                "grace_exceeded": True, "phase": phase,
-                                                                "dump": str(path) if path else None,
-                                                                "fast_state": fast_state_info(fast),
-                                                                "stack": stack}})
-        except Exception as exc:  # noqa: BLE001
-            logger.error("self-healing: the postmortem could not be written (%s: %s)", type(exc).__name__, exc)
-        sys.stderr.flush()
-        self.exit(128 + int(sig))
-
-    def _fast_state(self) -> Path | None:
-        """The verified fast resumable state of the preemption in progress, if one was written."""
-        from .checkpoints import PLUGIN_DIR, resume_info, verify_checkpoint
-
-        at = getattr(self.cb, "preempted_at", None)
-        t = getattr(self.cb, "trainer", None)
-        if at is None or t is None:
-            return None
-        p = Path(t.args.output_dir) / PLUGIN_DIR / f"resume-step-{at}"
-        return p if resume_info(p) is not None and verify_checkpoint(p, check_finite=False)[0] else None
-
-    def _bound_reason(self, phase: str) -> str:
-        cfg = self.config
-        if (cfg.hang_phase_seconds or {}).get(phase) is not None:
-            return f"hang_phase_seconds[{phase!r}]"
-        if phase == "startup":
-            return "hang_startup_seconds"
-        if phase == "preemption":
-            return "preemption_grace_seconds"
-        hist = list(self._history.get(phase) or ())
-        floor = ("hang_save_seconds" if phase in _LONG_PHASES else
-                 "hang_startup_seconds (warm-up)" if len(hist) < _WARMUP else "hang_floor_seconds")
-        if hist and cfg.hang_factor * max(hist) > self.bound(phase) - 1e-9 and cfg.hang_factor * max(hist) > 0:
-            return f"hang_factor {cfg.hang_factor:g} x the longest of its last {len(hist)} ({max(hist):.3g}s)"
-        return floor
-
-    def _still_training(self) -> bool:
-        """Is the training thread still inside `train()`? A phase left behind by a `train()` that
-        raised before its loop (and wrote no postmortem) must not end a process that moved on."""
-        frame = sys._current_frames().get(self._main_ident)
-        while frame is not None:
-            code = frame.f_code
-            if code.co_name in ("train", "_inner_training_loop", "_finish_preempted") and (
-                    "self_healing" in code.co_filename or "transformers" in code.co_filename
-                    or "trl" in code.co_filename):
-                return True
-            frame = frame.f_back
-        return False
-
-    def _training_stack(self) -> list[str]:
-        frame = sys._current_frames().get(self._main_ident)
-        if frame is None:
-            return []
-        return [line.rstrip() for line in traceback.format_stack(frame)][-40:]
-
-    def _dump(self, step: int, r: int, summary: str, stack: list[str]) -> Path | None:
-        t = self.cb.trainer
-        path = hang_dir(t.args.output_dir) / f"hang-{step}-rank{r}.txt"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(f"self-healing hang report\n{summary}\npid {os.getpid()} on {socket.gethostname()}, "
-                        f"rank {r}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n\n")
-                f.write("training thread:\n" + "\n".join(stack) + "\n\nall threads (faulthandler):\n")
-                f.flush()
-                faulthandler.dump_traceback(f, all_threads=True)
-                f.flush()
-                fr = _flight_recorder()
-                if fr is None:
-                    f.write("\nflight recorder: not available (no process group, or a torch without one)\n")
-                else:
-                    kind, data = fr
-                    side = path.with_name(path.stem + (".flight-recorder.json" if kind == "json" else
-                                                       ".flight-recorder.pkl"))
-                    side.write_bytes(data)
-                    f.write(f"\ntorch's flight recorder (the last collectives of every process group): {side.name}\n")
-                    f.write(_flight_recorder_summary(kind, data))
-            return path
-        except OSError as exc:
-            logger.error("self-healing: could not write the hang dump %s (%s); all threads' stacks go to stderr",
-                         path, exc)
-            try:
-                faulthandler.dump_traceback(sys.stderr, all_threads=True)
-            except Exception:  # noqa: BLE001
-                pass
-            return None
-
-    # ------------------------------------------------------------------------------------------
-    # goodput
-    # ------------------------------------------------------------------------------------------
     def step_ended(self, step: int) -> None:
-        """The optimizer step `step` ended (after `beat("after_step")`): where its time goes."""
-        secs, self._step_time = self._step_time, 0.0
-        if step <= self.recompute_until:
-            self.lost["recomputed"] += secs
-        elif self._step_skipped:
-            self.lost["skipped"] += secs
-        else:
-            self._recent_steps.append([step, secs, False])
-        self._step_skipped = False
-        self._note_steps_lost()
+        self.accounting.step_ended(step)
 
     def step_failed(self) -> None:
-        """An exception left the training loop: the step in progress is lost."""
-        self.lost["failed"] += self._step_time
-        self._step_time = 0.0
-        self._step_skipped = False
-        self._note_steps_lost()
-
-    def _note_steps_lost(self) -> None:
-        """Rolled-back steps (the callback's rollbacks, the orchestrator's resumes to a snapshot):
-        the newest steps counted productive become lost."""
-        n = int(self.cb.recorder.counters.get("steps_lost", 0) or 0)
-        more, self._seen_steps_lost = n - self._seen_steps_lost, n
-        for item in reversed(self._recent_steps):
-            if more <= 0:
-                break
-            if not item[2]:
-                item[2] = True
-                self.lost["rolled_back"] += item[1]
-                more -= 1
+        self.accounting.step_failed()
 
     def goodput(self) -> dict[str, Any]:
-        """This launch's and the job's wall time by part (seconds), and goodput = productive / wall."""
-        phase, since, _ = self._beat
-        spent = dict(self._spent)
-        if phase != _IDLE:
-            spent[phase] = spent.get(phase, 0.0) + (time.monotonic() - since)
-        hung = 0.0
-        if self.tripped is not None:  # the stuck phase's time is the hang's
-            hung = min(spent.get(self.tripped["phase"], 0.0), getattr(self, "_hang_spent", 0.0))
-            spent[self.tripped["phase"]] = spent.get(self.tripped["phase"], 0.0) - hung
-        parts = dict.fromkeys(GOODPUT_PARTS[:-2], 0.0)
-        parts["hung"] = hung
-        stepping = spent.pop("train_step", 0.0) + spent.pop("generation", 0.0)
-        lost = sum(self.lost.values())
-        parts["lost"] = min(lost, stepping)
-        parts["productive"] = stepping - parts["lost"]
-        for ph, s in spent.items():
-            if ph == _IDLE:
-                continue
-            parts[_PHASE_PART.get(ph, "data_and_logging")] += s
-        wall = sum(parts.values())
-        launch = {"wall_seconds": _r(wall), "goodput": _ratio(parts["productive"], wall),
-                  "seconds": {k: _r(v) for k, v in parts.items()},
-                  "lost_seconds": {k: _r(v) for k, v in self.lost.items()},
-                  "started": _r(self.started_wall), "ended": _r(self.started_wall + wall)}
-        job_parts = {k: v for k, v in parts.items()}
-        job_parts["between_launches"] = 0.0
-        job_parts["unaccounted"] = 0.0
-        launches, job_started = 1, self.started_wall
-        base = self.job_base
-        if base:
-            for k, v in (base.get("seconds") or {}).items():
-                if k in job_parts and isinstance(v, (int, float)) and math.isfinite(v):
-                    job_parts[k] += float(v)
-            job_parts["between_launches"] += max(0.0, self.started_wall - float(base.get("ended", self.started_wall)))
-            job_parts["unaccounted"] += float(base.get("unaccounted_extra", 0.0))
-            launches += int(base.get("launches", 1))
-            job_started = float(base.get("started", job_started))
-        jwall = sum(job_parts.values())
-        job = {"wall_seconds": _r(jwall), "goodput": _ratio(job_parts["productive"], jwall),
-               "seconds": {k: _r(v) for k, v in job_parts.items()}, "launches": launches,
-               "started": _r(job_started), "ended": launch["ended"]}
-        return {"launch": launch, "job": job}
+        return self.accounting.goodput()
 
     def load_job_base(self) -> None:
-        """At train begin: when this launch resumes the previous one, the job so far (the previous
-        postmortem's `goodput.job`, else a killed launch's last heartbeat file)."""
-        resumed = self.cb.recorder.extra.get("resumed")
-        if not resumed:
-            return
-        from .postmortem import load_postmortem
+        self.accounting.load_job_base()
 
-        t = self.cb.trainer
-        prev_last = resumed.get("previous_last_step")
-        if isinstance(prev_last, int):
-            self.recompute_until = prev_last
-        try:
-            prev = load_postmortem(self.config.resolved_postmortem_path(t.args.output_dir))
-        except ValueError:
-            prev = {}
-        job = (prev.get("goodput") or {}).get("job") if isinstance(prev.get("goodput"), dict) else None
-        if isinstance(job, dict) and isinstance(job.get("seconds"), dict):
-            self.job_base = job
-            return
-        hb = getattr(self, "_prev_heartbeat", None) or {}  # a launch killed without a postmortem of its own
-        g = hb.get("goodput") if isinstance(hb.get("goodput"), dict) else None
-        if g and isinstance(g.get("job"), dict):
-            self.job_base = dict(g["job"])
-            self.job_base["ended"] = hb.get("time", g["job"].get("ended"))
-            return
-        run_time = prev.get("running_time_seconds")
-        if isinstance(run_time, (int, float)):  # no heartbeat file either: its time, unaccounted
-            self.job_base = {"seconds": {}, "launches": 1, "unaccounted_extra": float(run_time),
-                             "started": self.started_wall - float(run_time), "ended": self.started_wall}
-
-    # ------------------------------------------------------------------------------------------
-    # postmortem fields
-    # ------------------------------------------------------------------------------------------
     def observe_rank_times(self, times: list[float], step: int) -> None:
-        """Every rank's own step time, from the step's gather: name a persistent straggler."""
-        for entry in self.stragglers.observe(times, step):
-            t = getattr(self.cb, "trainer", None)
-            try:
-                hb = read_heartbeats(t.args.output_dir).get(entry["rank"]) if t is not None else None
-            except Exception:  # noqa: BLE001
-                hb = None
-            entry["host"] = (hb or {}).get("host")
-            msg = (f"rank {entry['rank']}" + (f" on {entry['host']}" if entry["host"] else "")
-                   + f" is a straggler: its own step time (data wait + forward) is {entry['slower_by']}x the other "
-                   f"ranks' median ({entry['own_seconds_per_step']:.3g}s vs {entry['others_median_seconds_per_step']:.3g}s) "
-                   f"on each of the last {entry['steps']} steps; every rank waits for it at the all-reduce")
-            logger.warning("self-healing: step %s: %s", step, msg)
-            self._alert(f"straggler: rank {entry['rank']}", msg, "WARN", step)
-
-    def _alert(self, title: str, text: str, level: str, step: int) -> None:
-        """A trackio alert when the run reports there; an alert must never disturb the watchdog."""
-        tracker = getattr(self.cb, "tracker", None)
-        if tracker is not None:
-            try:
-                tracker._alert(title, text, level, step)
-            except Exception:  # noqa: BLE001
-                pass
+        self.accounting.observe_rank_times(times, step)
 
     def take_own_seconds(self) -> float:
         """This rank's own (not waiting) time since the last call: one number per step for the gather."""
-        own, self._own = self._own, 0.0
-        return own
+        return self.clock.take_own()
 
     def postmortem_fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"goodput": self.goodput()}
@@ -830,165 +178,66 @@ class Watchdog:
             out["hang_warnings"] = self.hang_warnings[-20:]
         return out
 
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def start_run(self) -> None:
+        """A fresh `train()`: new clocks, phase `startup`, the threads running (when enabled)."""
+        self.clock.reset()
+        self.hangs.reset()  # train() may run in a thread of its own: that thread is the one watched
+        self.accounting.reset()
+        self.preemption.reset()
+        self.hangs.reset_report()
+        self.clock.start("startup")
+        self.accounting.remember_previous_heartbeat()  # before ours replaces it
+        self._stop.set()  # the threads of an earlier train() end at their next wake-up
+        self._stop = stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(stop,), name="self-healing-watchdog", daemon=True)
+        self._thread.start()  # hangs when hang_detection is on; the preemption grace always
+        self._hb_thread = threading.Thread(target=self.hangs.heartbeat_files, args=(stop,),
+                                           name="self-healing-heartbeat", daemon=True)
+        self._hb_thread.start()
+        self.clock.add_step_hooks()
 
-STRAGGLER_WINDOW = 20
-"""Steps a rank must be slower on, in a row, to be named a straggler."""
-STRAGGLER_FACTOR = 1.5
-"""How much slower than the median of the other ranks (its own time: data wait and forward)."""
-STRAGGLER_MIN_SECONDS = 0.005
-"""...and by at least this much per step (sub-millisecond noise on tiny steps is nobody's fault)."""
+    def stop(self) -> None:
+        """Back to idle: nothing is watched (the threads end at their next wake-up)."""
+        self.beat(IDLE)
+        self._stop.set()
+        self.clock.remove_step_hooks()
 
+    def _watch(self, stop: threading.Event) -> None:
+        """The watchdog thread: the preemption grace first (once a signal came), else the phase bound."""
+        clock, hangs, grace = self.clock, self.hangs, self.preemption
+        while not stop.is_set():
+            phase, since, step = beat = clock.current
+            pt = grace.preempt_time
+            if pt is not None and phase != IDLE:
+                grace.check_once(beat, pt)
+            if pt is not None and phase != IDLE and hangs.tripped is None and \
+                    time.monotonic() - pt > self.config.preemption_grace_seconds:
+                try:
+                    grace.on_grace_exceeded(beat, time.monotonic() - pt)
+                except Exception as exc:  # noqa: BLE001
+                    logger.warning("self-healing: watchdog check failed (%s: %s)", type(exc).__name__, exc)
+            elif self.config.hang_detection and phase != IDLE and beat is not hangs.warned_beat:
+                try:
+                    b = clock.bound(phase)
+                    waited = time.monotonic() - since
+                    if waited > b:
+                        if hangs.still_training():
+                            hangs.on_hang(beat, waited, b)
+                        else:  # train() left without a postmortem (an error before training began): stale
+                            self.stop()
+                except Exception as exc:  # noqa: BLE001 - the watchdog must never take the run down by mistake
+                    logger.warning("self-healing: watchdog check failed (%s: %s)", type(exc).__name__, exc)
+            stop.wait(self.config.hang_poll_seconds)
 
-class Stragglers:
-    """Each rank's own step time (data wait + forward, which no other rank can slow down) arrives
-    every step in the gather that already carries the step's signals; a rank slower than the
-    median of the others by `STRAGGLER_FACTOR` on `STRAGGLER_WINDOW` steps in a row is named
-    (rank, host, how much slower) in the log, trackio and the postmortem. Every rank sees the same
-    rows, so every rank reaches the same verdict without another collective."""
-
-    def __init__(self) -> None:
-        self.streak: dict[int, int] = {}
-        self.sums: dict[int, list[float]] = {}
-        self.named: set[int] = set()
-        self.found: list[dict[str, Any]] = []
-
-    def observe(self, times: list[float], step: int) -> list[dict[str, Any]]:
-        new = []
-        n = len(times)
-        if n < 2:
-            return new
-        for r, t in enumerate(times):
-            others = sorted(times[:r] + times[r + 1:])
-            med = others[len(others) // 2] if len(others) % 2 else 0.5 * (others[len(others) // 2 - 1]
-                                                                           + others[len(others) // 2])
-            slow = t > STRAGGLER_FACTOR * med and t - med > STRAGGLER_MIN_SECONDS
-            self.streak[r] = self.streak.get(r, 0) + 1 if slow else 0
-            acc = self.sums.setdefault(r, [0.0, 0.0, 0])
-            if slow:
-                acc[0] += t
-                acc[1] += med
-                acc[2] += 1
-            else:
-                self.sums[r] = [0.0, 0.0, 0]
-                self.named.discard(r)  # re-armed once it keeps up again
-            if self.streak[r] >= STRAGGLER_WINDOW and r not in self.named:
-                self.named.add(r)
-                own, med_sum, k = self.sums[r]
-                entry = {"rank": r, "step": step, "steps": k, "own_seconds_per_step": round(own / k, 4),
-                         "others_median_seconds_per_step": round(med_sum / k, 4),
-                         "slower_by": round(own / med_sum, 2) if med_sum > 0 else None}
-                self.found.append(entry)
-                new.append(entry)
-        return new
-
-
-_ORDER = {p: i for i, p in enumerate(("startup", "data_wait", "train_step", "generation", "after_step", "evaluation",
-                                       "eval_step", "save"))}
-_WHERE = {"": 0, "forward": 1, "backward": 2, "optimizer": 3}
-
-
-def _ranks_behind(ranks: dict[str, dict[str, Any]]) -> list[str]:
-    """The ranks the others are waiting for: the furthest behind (step, phase, place in the step)
-    when not every rank is at the same point (a rank still in its forward while the others sit in
-    backward's all-reduce). Empty when all are level."""
-    def key(v: dict[str, Any]) -> tuple[int, int, int]:
-        step = v.get("step") if isinstance(v.get("step"), int) else -1
-        return step, _ORDER.get(str(v.get("phase")), 0), _WHERE.get(str(v.get("where") or ""), 0)
-
-    if len(ranks) < 2:
-        return []
-    keys = {r: key(v) for r, v in ranks.items()}
-    lo, hi = min(keys.values()), max(keys.values())
-    return [r for r, k in keys.items() if k == lo] if lo != hi else []
-
-
-def fast_state_info(path: Path | None) -> dict[str, Any] | None:
-    """The postmortem's account of a fast resumable state: where, what it left out, what that means."""
-    from .checkpoints import resume_info
-
-    info = resume_info(path) if path is not None else None
-    if info is None:
-        return None
-    out = {"path": str(path), "omitted": info["omitted"]}
-    if "optimizer" in info["omitted"]:
-        out["not_saved"] = ("the optimizer state (Adam's moments): the relaunch re-initialises it; weights, LR "
-                            "schedule, RNG and data position resume exactly")
-    return out
-
-
-def _looks_like_peer_loss(error: BaseException) -> bool:
-    """Does this exception (or one in its chain) look like a collective that lost a peer?"""
-    seen = 0
-    e: BaseException | None = error
-    while e is not None and seen < 8:
-        text = f"{type(e).__name__} {e}".lower()
-        if any(k in text for k in ("distbackenderror", "distnetworkerror", "connection closed", "connection reset",
-                                   "broken pipe", "gloo", "nccl", "peer", "socket", "timed out")):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
-
-
-def _debugger_or_notebook(main_ident: int | None) -> str | None:
-    """Why exiting on a hang would be wrong here, or None: a debugger is tracing the training
-    thread (a breakpoint), or the process is an interactive kernel (Jupyter, IPython)."""
-    frame = sys._current_frames().get(main_ident) if main_ident is not None else None
-    while frame is not None:
-        if frame.f_trace is not None:
-            return "a debugger is attached to the training thread"
-        frame = frame.f_back
-    if "ipykernel" in sys.modules or hasattr(sys, "ps1"):
-        return "an interactive session (notebook or REPL): its kernel is not ours to end"
-    return None
-
-
-def _r(x: float) -> float:
-    return round(float(x), 3)
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 4) if b > 0 else None
-
-
-def _flight_recorder() -> tuple[str, bytes] | None:
-    """torch's flight recorder (the last collectives of every process group: NCCL, and gloo in
-    recent torch) as ("json", bytes) or ("pickle", bytes); None without a process group or one."""
-    try:
-        import torch
-
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return None
-        import torch._C._distributed_c10d as c10d
-
-        if hasattr(c10d, "_dump_fr_trace_json"):
-            return "json", c10d._dump_fr_trace_json()
-        for name in ("_dump_fr_trace", "_dump_nccl_trace"):
-            if hasattr(c10d, name):
-                return "pickle", getattr(c10d, name)()
-    except Exception:  # noqa: BLE001 - a dump that fails must not stop the hang report
-        return None
-    return None
-
-
-def _flight_recorder_summary(kind: str, data: bytes) -> str:
-    """Where each process group stands and its last collectives, in a few lines."""
-    if kind != "json":
-        return "  (pickled: torch's tools/flight_recorder reads it)\n"
-    try:
-        fr = json.loads(data)
-    except ValueError:
-        return ""
-    lines = []
-    for pg, st in (fr.get("pg_status") or {}).items():
-        lines.append(f"  process group {pg}: last enqueued collective {st.get('last_enqueued_collective')}, started "
-                     f"{st.get('last_started_collective')}, completed {st.get('last_completed_collective')}")
-    entries = fr.get("entries") or []
-    for e in entries[-8:]:
-        lines.append(f"  #{e.get('collective_seq_id')} {e.get('profiling_name')} {e.get('input_sizes')} "
-                     f"state={e.get('state')}")
-    if not entries:
-        lines.append("  no entries: set TORCH_FR_BUFFER_SIZE=2000 in the launch environment to record them")
-    return "\n".join(lines) + "\n"
+    def _alert(self, title: str, text: str, level: str, step: int) -> None:
+        """A trackio alert when the run reports there; an alert must never disturb the watchdog."""
+        tracker = getattr(self.cb, "tracker", None)
+        if tracker is not None:
+            try:
+                tracker._alert(title, text, level, step)  # OWNER-CHANGE (tracking.py): a public Tracker.alert
+            except Exception:  # noqa: BLE001
+                pass
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1030,12 +279,12 @@ class WatchdogHooks:
 
             def factory(orig):
                 def wrapped(*args, **kwargs):
-                    if wd.phase == _IDLE or cb.passthrough:
+                    if wd.phase == IDLE or cb.passthrough:
                         return orig(*args, **kwargs)
                     before = wd.phase
                     wd.beat(phase)
                     for f in fresh:
-                        wd._history.pop(f, None)
+                        wd.clock.forget(f)
                     try:
                         out = orig(*args, **kwargs)
                     except BaseException as exc:
@@ -1044,7 +293,7 @@ class WatchdogHooks:
                             wd.beat(on_error)  # closes the step in progress first: its time is lost
                             wd.step_failed()
                         raise
-                    if wd.phase != _IDLE and not keep:
+                    if wd.phase != IDLE and not keep:
                         wd.beat(after or before)
                     return out
 
@@ -1054,15 +303,15 @@ class WatchdogHooks:
 
         around("get_batch_samples", "data_wait", after="train_step")
         around("evaluate", "evaluation")
-        around("_save_checkpoint", "save", keep=True)
-        around("_load_best_model", "save", keep=True)
-        around("_inner_training_loop", "startup", after="finishing", on_error="recovery", fresh=("data_wait",))
-        for gen in ("_generate_and_score_completions", "_generate"):
+        around(TRAINER_SAVE_CHECKPOINT, "save", keep=True)
+        around(TRAINER_LOAD_BEST_MODEL, "save", keep=True)
+        around(TRAINER_INNER_LOOP, "startup", after="finishing", on_error="recovery", fresh=("data_wait",))
+        for gen in TRL_GENERATION:
             if hasattr(t, gen):
                 around(gen, "generation", after="train_step")
                 break
-        if hasattr(t, "_load_optimizer_and_scheduler") and not cb.is_wrapped("_load_optimizer_and_scheduler"):
-            cb.wrap("_load_optimizer_and_scheduler", self._load_with_fast_state)
+        if hasattr(t, TRAINER_LOAD_OPTIMIZER) and not cb.is_wrapped(TRAINER_LOAD_OPTIMIZER):
+            cb.wrap(TRAINER_LOAD_OPTIMIZER, self._load_with_fast_state)
 
     def _load_with_fast_state(self, orig):
         """A resume from a fast state without the optimizer state: the Trainer then loads neither it nor
@@ -1082,7 +331,7 @@ class WatchdogHooks:
     # --- observer API of SelfHealingCallback --------------------------------------------------------
     def on_step(self, step: int, signals: Any, info: dict[str, Any]) -> None:
         if info.get("skipped"):
-            self.watchdog._step_skipped = True
+            self.watchdog.mark_step_skipped()
 
     def on_finish(self, postmortem: dict[str, Any]) -> None:
         self.watchdog.stop()
@@ -1090,7 +339,7 @@ class WatchdogHooks:
     # --- Trainer callback ------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         wd = self.watchdog
-        if wd.phase == _IDLE:  # a bare callback without the orchestrator's start_run
+        if wd.phase == IDLE:  # a bare callback without the orchestrator's start_run
             wd.start_run()
         try:
             wd.load_job_base()
@@ -1102,7 +351,7 @@ class WatchdogHooks:
 
     def on_step_end(self, args, state, control, **kwargs):
         wd = self.watchdog
-        if wd.phase == _IDLE:
+        if wd.phase == IDLE:
             return control
         wd.beat("after_step", state.global_step)
         wd.step_ended(state.global_step)
@@ -1116,7 +365,7 @@ class WatchdogHooks:
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         wd = self.watchdog
         cb = self.cb
-        if wd.phase == _IDLE:
+        if wd.phase == IDLE:
             return control
         if wd.phase == "evaluation" and self._eval_steps == 0:
             try:
@@ -1223,7 +472,7 @@ class WatchdogHooks:
 
     def _warn_no_checkpoints(self, args, state) -> None:
         if str(getattr(args, "save_strategy", "no")).lower().endswith("no"):
-            times = list(self.watchdog._history.get("train_step") or ())
+            times = list(self.watchdog.clock.history.get("train_step") or ())
             if not times or not state.max_steps:
                 return
             per = sorted(times)[len(times) // 2]

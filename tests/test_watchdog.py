@@ -182,11 +182,11 @@ def test_bounds_calibrate_from_the_phase_history_with_floors_and_overrides():
 
     wd = Watchdog(_CB())
     assert wd.bound("startup") == 100.0 and wd.bound("train_step") == 100.0  # no history yet: warm-up floor
-    wd._history["train_step"] = [0.1, 0.2, 0.1]
+    wd.clock.history["train_step"] = [0.1, 0.2, 0.1]
     assert wd.bound("train_step") == 5.0  # 10 x 0.2 < the floor
-    wd._history["train_step"] = [0.1, 2.0, 0.1, 0.3]
+    wd.clock.history["train_step"] = [0.1, 2.0, 0.1, 0.3]
     assert wd.bound("train_step") == pytest.approx(20.0)  # 10 x the longest recent step
-    wd._history["save"] = [40.0]
+    wd.clock.history["save"] = [40.0]
     assert wd.bound("save") == 400.0 and wd.bound("recovery") == 300.0
     assert wd.bound("eval_step") == 42.0
 
@@ -218,7 +218,7 @@ def test_no_checkpointing_on_a_long_run_is_warned_about(tmp_path, caplog):
     tr = build_trainer("trainer", output_dir=str(tmp_path / "run"), max_steps=2)
     sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5))
     hooks = sh.callback.watchdog
-    hooks.watchdog._history["train_step"] = [2.0] * 10
+    hooks.watchdog.clock.history["train_step"] = [2.0] * 10
     tr.state.max_steps, tr.state.global_step = 5000, 10
     with caplog.at_level("WARNING", logger="self_healing"):
         hooks._warn_no_checkpoints(tr.args, tr.state)
@@ -316,11 +316,11 @@ def test_a_grace_too_short_for_the_step_and_the_save_is_said_at_the_signal(caplo
         trainer = None
 
     wd = Watchdog(_CB())
-    wd._history["train_step"] = [30.0] * 5
-    wd._history["save"] = [10.0] * 2
+    wd.clock.history["train_step"] = [30.0] * 5
+    wd.clock.history["save"] = [10.0] * 2
     now = time.monotonic()
     with caplog.at_level("WARNING", logger="self_healing"):
-        wd._check_grace_fits(("train_step", now - 5.0, 7), now)
+        wd.preemption.check_grace_fits(("train_step", now - 5.0, 7), now)
     assert "will likely not fit" in caplog.text
     assert wd.grace_estimate == {"phase": "train_step", "phase_seconds_left": pytest.approx(25.0, abs=0.1),
                                  "save_seconds": 10.0}
@@ -460,7 +460,7 @@ def test_when_the_grace_runs_out_after_a_fast_state_the_postmortem_names_it(tmp_
     exits = []
     wd.exit = exits.append
     cb.preempt_signal, cb.preempted_at = signal.SIGTERM, 12
-    wd._on_grace_exceeded(("save", time.monotonic() - 3.5, 12), 3.5)  # the full save still running
+    wd.preemption.on_grace_exceeded(("save", time.monotonic() - 3.5, 12), 3.5)  # the full save still running
     pm = load_postmortem(tmp_path / "run")
     assert exits == [128 + signal.SIGTERM] and pm["checkpoint"] == str(path)
     assert pm["preemption"]["grace_exceeded"] and pm["preemption"]["fast_state"]["omitted"] == ["optimizer"]
