@@ -9,7 +9,7 @@ from helpers import build_trainer, read_postmortem
 from self_healing import HealingConfig, SelfHealingTrainer
 from self_healing.callback import SelfHealingCallback
 from self_healing.config import PRESET_NAMES
-from self_healing.early_warning import EarlyWarning, _UpdateUndo
+from self_healing.early_warning import EarlyWarning, UpdateUndo
 from self_healing.faults import Fault, inject_faults
 from self_healing.tiny import tail_loss
 
@@ -68,7 +68,7 @@ def test_update_undo_restores_weights_and_adam_state_exactly():
         opt.step()
 
     step()
-    undo = _UpdateUndo()
+    undo = UpdateUndo()
     assert undo.capture(model, opt)
     want_w = [p.detach().clone() for p in model.parameters()]
     want_s = {k: v.clone() for st in opt.state.values() for k, v in st.items()}
