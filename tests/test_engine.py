@@ -190,3 +190,161 @@ def test_a_step_whose_update_was_dropped_verifies_no_snapshot():
     assert d.actions == (Action.SKIP_STEP, Action.REDUCE_LR)  # no rollback: the step-5 snapshot stays
     healer.end_step(6)
     assert healer.ring.latest is snap and snap.healthy_steps_after == 0 and healer.step_flagged
+
+
+# ---------------------------------------------------------------------------------------------
+# exceptions that escaped the training loop: plain facts in, a typed decision out (no Trainer)
+# ---------------------------------------------------------------------------------------------
+import errno  # noqa: E402
+
+from self_healing.decider import BatchFacts, ExceptionFacts, plan_batch_cut  # noqa: E402
+from self_healing.diagnosis import tag_origin  # noqa: E402
+from self_healing.engine import ExceptionDecision  # noqa: E402
+
+
+class _Args:
+    """The batch settings of a Trainer's args, as a plain object."""
+
+    def __init__(self, bs=8, ga=1, gradient_checkpointing=False, eval_bs=8):
+        self.per_device_train_batch_size = bs
+        self.gradient_accumulation_steps = ga
+        self.gradient_checkpointing = gradient_checkpointing
+        self.per_device_eval_batch_size = eval_bs
+
+
+def _apply_batch(args, change):
+    """What the orchestrator does with a batch decision (`orchestration.apply_batch_change`)."""
+    if change.enable:
+        setattr(args, change.enable, True)
+    else:
+        args.per_device_train_batch_size = change.per_device_train_batch_size
+        args.gradient_accumulation_steps = change.gradient_accumulation_steps
+
+
+def _oom(origin="forward"):
+    exc = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    tag_origin(exc, origin)
+    return exc
+
+
+def _facts(exc, step=11, origin="forward", args=None, **kw):
+    return ExceptionFacts(exc, step, origin=origin, batch=BatchFacts.from_args(args or _Args()), **kw)
+
+
+def test_oom_halves_the_batch_down_to_one_then_checkpointing_then_gives_up():
+    healer, _, _ = _setup(max_recovery_attempts=10)
+    args = _Args(bs=8, ga=2)
+    seen = []
+    for i in range(6):
+        d = healer.decide_exception(_facts(_oom(), step=11 + i, args=args))
+        assert isinstance(d, ExceptionDecision) and d.failure == FailureKind.OOM and not d.raise_unchanged
+        seen.append(d)
+        if d.stop:
+            break
+        assert d.free_memory and d.resume is not None and d.resume.prefer_current
+        _apply_batch(args, d.batch)
+    assert [d.actions for d in seen] == [(Action.REDUCE_BATCH,)] * 3 + [(Action.ENABLE_GRADIENT_CHECKPOINTING,),
+                                                                       (Action.GIVE_UP,)]
+    assert [d.details["batch"]["per_device_train_batch_size"] for d in seen[:3]] == [[8, 4], [4, 2], [2, 1]]
+    assert [d.details["batch"]["effective_batch"] for d in seen[:3]] == [[16, 16]] * 3
+    assert args.per_device_train_batch_size == 1 and args.gradient_accumulation_steps == 16
+    assert args.gradient_checkpointing
+    last = seen[-1]
+    assert last.stop and last.batch is None and last.resume is None
+    assert last.reason.startswith("out of memory at per-device batch 1 with gradient checkpointing on")
+    # deciding applies nothing: no event, no give-up yet; the engine records it when applied
+    assert healer.recorder.events == [] and not healer.gave_up
+    applied = healer.apply_exception(last)
+    assert healer.gave_up and healer.give_up_reason == f"oom: {last.reason}"
+    assert healer.recorder.events[-1]["actions"] == ["give_up"] and applied.event is healer.recorder.events[-1]
+
+
+def test_oom_batch_cut_keeps_the_effective_batch_when_it_does_not_halve():
+    change = plan_batch_cut(BatchFacts.from_args(_Args(bs=6, ga=1)))
+    assert change.per_device_train_batch_size == 3 and change.gradient_accumulation_steps == 2
+    change = plan_batch_cut(BatchFacts.from_args(_Args(bs=9, ga=1)))
+    assert change.per_device_train_batch_size == 3 and change.gradient_accumulation_steps == 3
+    assert "does not halve evenly" in change.record["note"]
+
+
+def test_oom_cuts_are_an_escalation_bounded_by_max_recovery_attempts():
+    healer, _, _ = _setup(max_recovery_attempts=2)
+    args = _Args(bs=64)
+    decisions = [healer.decide_exception(_facts(_oom(), step=11 + i, args=args)) for i in range(3)]
+    assert [d.stop for d in decisions] == [False, False, True]
+    assert "max_recovery_attempts=2" in decisions[2].reason
+
+
+def test_oom_in_evaluation_halves_the_eval_batch_only():
+    healer, _, _ = _setup()
+    d = healer.decide_exception(_facts(_oom("eval"), origin="eval", args=_Args(bs=8, eval_bs=4)))
+    assert d.phase == "eval" and d.batch is None and d.eval_batch.per_device_eval_batch_size == 2
+    assert d.details == {"phase": "eval", "eval_batch": {"per_device_eval_batch_size": [4, 2],
+                                                         "training_batch": "unchanged"}}
+    d = healer.decide_exception(_facts(_oom("eval"), origin="eval", args=_Args(eval_bs=1)))
+    assert d.stop and d.reason == "out of memory in evaluation at per-device eval batch 1"
+    assert d.details["eval_batch"] is None
+
+
+def test_disk_full_frees_space_and_gives_up_only_when_nothing_was_freed():
+    healer, _, _ = _setup()
+    exc = OSError(errno.ENOSPC, "No space left on device")
+    d = healer.decide_exception(_facts(exc, origin="save"))
+    assert d.free_disk and not d.stop and d.backoff_attempt is None and d.failure == FailureKind.API_ERROR
+    freed = healer.disk_freed(d, ["out/checkpoint-10"])
+    assert not freed.stop and freed.details["freed"] == ["out/checkpoint-10"] and freed.resume is not None
+    nothing = healer.disk_freed(d, [])
+    assert nothing.stop and nothing.actions == (Action.GIVE_UP,) and nothing.resume is None
+    assert nothing.reason.startswith("disk full, and nothing of the plugin's own")
+
+
+def test_a_transient_error_is_retried_after_a_backoff_then_resumed(monkeypatch):
+    import self_healing.applier as applier
+
+    monkeypatch.setattr(applier.time, "sleep", lambda s: None)
+    healer, _, _ = _setup(max_recovery_attempts=2)
+    exc = ConnectionError("connection reset by peer")
+    d = healer.decide_exception(_facts(exc, origin="data"))
+    assert d.actions == (Action.BACKOFF_RETRY,) and d.backoff_attempt == 1 and not d.stop
+    d = healer.apply_exception(d)
+    assert "backoff_seconds" in d.details and healer.recorder.counters["api_retries"] == 1
+    assert healer.recorder.events == []  # the resume is the event
+    d = healer.record_resume(d, "the current state at step 10")
+    ev = healer.recorder.events[-1]
+    assert ev["actions"] == ["backoff_retry", "resume"] and ev["details"]["resume_from"].endswith("step 10")
+    assert healer.recorder.counters["exceptions_healed"] == 1 and d.actions[-1] == Action.RESUME
+    # the attempt budget holds across retries
+    assert not healer.decide_exception(_facts(exc, step=12, origin="data")).stop
+    assert healer.decide_exception(_facts(exc, step=13, origin="data")).stop
+
+
+@pytest.mark.parametrize("exc, origin", [(ZeroDivisionError("division by zero"), "trainer"),
+                                         (KeyError("labels"), "callback"),
+                                         (TypeError("unsupported operand"), "forward"),
+                                         (AssertionError("shapes"), "data")])
+def test_a_bug_in_the_users_code_is_raised_unchanged_and_decides_nothing(exc, origin):
+    healer, _, _ = _setup()
+    before = healer.policy.state_dict()
+    d = healer.decide_exception(_facts(exc, origin=origin, can_rollback=True))
+    assert d.raise_unchanged and not d.diagnosis.healable and d.actions == () and d.resume is None
+    assert d.exception is exc and d.failure == FailureKind.UNKNOWN
+    assert healer.policy.state_dict() == before and healer.recorder.events == [] and not healer.gave_up
+
+
+def test_a_data_error_skips_its_batch_unless_the_data_is_a_stream():
+    healer, _, _ = _setup()
+    exc = KeyError("'text' missing in row 3")
+    d = healer.decide_exception(_facts(exc, origin="data"))
+    assert d.failure == FailureKind.DATA_ERROR and d.resume.skip_steps == 1 and d.resume.prefer_current
+    healer.apply_exception(d)
+    assert healer.recorder.skipped_batches[-1]["step"] == 11
+    streamed = healer.decide_exception(_facts(KeyError("'text'"), origin="data", streamed_data=True))
+    assert streamed.raise_unchanged and "the training data is a stream" in streamed.diagnosis.summary
+
+
+def test_weights_found_corrupted_at_an_exception_resume_from_the_verified_snapshot():
+    healer, _, _ = _setup()
+    state = Detection("weight_corruption", 11, {"weight_norm": float("nan")})
+    d = healer.decide_exception(_facts(RuntimeError("expected a finite loss"), origin="trainer", state=state,
+                                       can_rollback=True))
+    assert not d.raise_unchanged and d.failure == FailureKind.WEIGHT_CORRUPTION and not d.resume.prefer_current
