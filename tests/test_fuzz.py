@@ -18,8 +18,12 @@ from self_healing.cli import main as cli_main
 from self_healing.postmortem import format_postmortem, headline, load_postmortem
 
 FIELDS = HealingConfig.field_names()
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=5000,
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+LOADED_BOUND_S = 60.0
+"""What 'quickly' means here: a bomb or an unbounded read takes minutes to forever; a bounded one
+takes milliseconds, and a few seconds when another job shares the 2 cores (5 s flaked)."""
 
 # values of every shape a YAML file or a careless caller can produce
 scalars = st.one_of(
@@ -122,7 +126,7 @@ def test_yaml_presets_load_or_raise_a_clear_error(data, tmp_path):
     except Exception as e:  # noqa: BLE001
         assert_clear(e, [str(p), *FIELDS, "HealingConfig"])
     assert cli_main(["validate", str(p)]) in (0, 1)
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < LOADED_BOUND_S
 
 
 def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
@@ -134,12 +138,12 @@ def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(ValueError) as ei:
         HealingConfig.from_yaml_text(doc, source="bomb.yaml")
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < LOADED_BOUND_S
     assert "unknown HealingConfig field" in str(ei.value) or "snapshot_keep" in str(ei.value)
     (tmp_path / "bomb.yaml").write_text(doc)
     t0 = time.monotonic()
     assert cli_main(["validate", str(tmp_path / "bomb.yaml")]) == 1
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < LOADED_BOUND_S
 
 
 def test_a_huge_preset_file_is_refused_without_reading_it_all(tmp_path):
@@ -215,7 +219,7 @@ def test_postmortem_files_read_by_the_cli_never_crash_it(data, tmp_path, capsys)
     assert code in (0, 1, 2)
     if code == 2:
         assert str(p) in err
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < LOADED_BOUND_S
 
 
 # --- crash journals read at launch ----------------------------------------------------------------
@@ -248,7 +252,7 @@ def test_any_journal_yields_a_reportable_postmortem_or_nothing(lines, torn, tmp_
         assert load_postmortem(out)["exit_reason"] == "killed"
         assert cli_main(["report", str(out)]) == 1
         assert "KILLED" in capsys.readouterr().out
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < LOADED_BOUND_S
 
 
 @pytest.mark.parametrize("pm,field", [
