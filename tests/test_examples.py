@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,6 @@ def _finish(proc, timeout=240):
 def example_runs(tmp_path_factory):
     """All examples at once (one CPU thread each): their offline defaults, one rehearsed fault."""
     base = tmp_path_factory.mktemp("examples")
-    t0 = time.perf_counter()
     procs = {name: (_start(name, out=base / name), base / name) for name in EXAMPLES}
     procs["sft+fault"] = (_start("sft", "--fault", "nan_loss@12", "--preset", "aggressive", out=base / "sft_fault"),
                           base / "sft_fault")
@@ -42,7 +40,6 @@ def example_runs(tmp_path_factory):
     for name, (proc, out) in procs.items():
         rc, text = _finish(proc)
         runs[name] = (rc, text, out)
-    runs["_seconds"] = time.perf_counter() - t0
     return runs
 
 
@@ -54,7 +51,6 @@ def test_example_runs_offline_and_completes(example_runs, name):
     assert pm["exit_reason"] == "completed" and pm["last_step"] == 30
     assert pm["recovery_actions"] == []  # a clean tiny run needs no healing
     assert "COMPLETED at step 30/30" in text  # the report is printed at the end
-    assert example_runs["_seconds"] < 240
 
 
 def test_example_heals_a_rehearsed_fault(example_runs):
