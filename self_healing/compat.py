@@ -65,6 +65,16 @@ INTERNALS: dict[str, Internal] = {
     "Trainer._load_best_model": Internal("watchdog: save phase", "oldest, oldest5, newest", "warning at attach"),
     "Trainer._inner_training_loop": Internal("watchdog: startup/finishing phases", "oldest, oldest5, newest",
                                              "warning at attach"),
+    "Trainer._load_optimizer_and_scheduler": Internal(
+        "wrapped: a resume from the plugin's fast state (weights and schedule, no optimizer) loads what is there",
+        "oldest, oldest5, newest", "optional: without it a fast-state resume is not offered (full checkpoints only)"),
+    "Trainer.train/_inner_training_loop frames": Internal(
+        "hang report: a thread whose stack holds these frames (from transformers, TRL or the plugin) is the "
+        "training thread", "oldest, oldest5, newest",
+        "fallback: the main thread's stack is reported"),
+    "torch._C._distributed_c10d._dump_fr_trace_json/_dump_fr_trace/_dump_nccl_trace": Internal(
+        "hang report: the flight recorder's last collectives of every process group", "torch 2.13",
+        "fallback: the hang report has no flight-recorder section"),
     "Trainer._tr_loss": Internal(
         "a NaN is zeroed out of the running loss (logging_nan_inf_filter=False)", "newest (a local tr_loss in "
         "oldest, oldest5)", "warning once: the Trainer's logged loss reads NaN after a skipped NaN step"),
@@ -362,3 +372,38 @@ def foreach_mul_(tensors: list, factor: float) -> None:
     else:
         for t in tensors:
             t.mul_(factor)
+
+
+# --- the watchdog's phases and hang report --------------------------------------------------------
+TRAINER_SAVE_CHECKPOINT = "_save_checkpoint"
+"""Wrapped as the watchdog's "save" phase (and by the callback: errors while saving are tagged 'save')."""
+TRAINER_LOAD_BEST_MODEL = "_load_best_model"
+"""Wrapped as the "save" phase: loading the best model at the end reads a whole checkpoint."""
+TRAINER_INNER_LOOP = "_inner_training_loop"
+"""Wrapped: the "startup" phase before the first step and "finishing" after the last."""
+TRAINER_LOAD_OPTIMIZER = "_load_optimizer_and_scheduler"
+"""Wrapped: resuming from the plugin's fast state, which may hold no optimizer."""
+TRL_GENERATION = ("_generate_and_score_completions", "_generate")
+"""TRL GRPO/RLOO's generation, newest name first: the "generation" phase."""
+TRAINING_FRAMES = ("train", TRAINER_INNER_LOOP, "_finish_preempted")
+"""Frame names that mean "inside train()" ("_finish_preempted" is `SelfHealingTrainer`'s own)."""
+TRAINING_FRAME_FILES = ("self_healing", "transformers", "trl")
+"""The packages those frames must come from (a user's own `train` function is not the Trainer's)."""
+
+
+def flight_recorder() -> tuple[str, bytes] | None:
+    """torch's flight recorder (the last collectives of every process group: NCCL, and gloo in
+    recent torch) as ("json", bytes) or ("pickle", bytes); None without a process group or one."""
+    try:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        import torch._C._distributed_c10d as c10d
+
+        if hasattr(c10d, "_dump_fr_trace_json"):
+            return "json", c10d._dump_fr_trace_json()
+        for name in ("_dump_fr_trace", "_dump_nccl_trace"):
+            if hasattr(c10d, name):
+                return "pickle", getattr(c10d, name)()
+    except Exception:  # noqa: BLE001 - a dump that fails must not stop the hang report
+        return None
+    return None

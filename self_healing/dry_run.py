@@ -19,7 +19,7 @@ from .callback import free_memory
 from .decider import BatchFacts, plan_batch_cut
 from .diagnosis import FailureKind, diagnose_exception, exception_origin
 from .orchestration import apply_batch_change
-from .snapshot import _rng_state, _set_rng_state
+from .snapshot import rng_state, set_rng_state
 
 logger = logging.getLogger("self_healing")
 
@@ -140,7 +140,7 @@ class _TrainerSnapshot:
         self.callbacks = list(t.callback_handler.callbacks)
         self.args = {k: getattr(t.args, k) for k in _DRY_ARG_FIELDS if hasattr(t.args, k)}
         self.train_batch_size = compat.train_batch_size(t)
-        self.rng = _rng_state()
+        self.rng = rng_state()
         self.extra = {k: copy.deepcopy(getattr(t, k)) for k in compat.TRAINER_EXTRA_STATE if hasattr(t, k)}
         self.model_wrapped = getattr(t, "model_wrapped", None)
         self._torch = torch
@@ -175,7 +175,7 @@ class _TrainerSnapshot:
         if self.model_wrapped is not None:
             t.model_wrapped = self.model_wrapped
         t.is_in_train = False
-        _set_rng_state(self.rng)
+        set_rng_state(self.rng)
         for p in t.model.parameters():
             p.grad = None
 

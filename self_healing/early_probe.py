@@ -27,7 +27,7 @@ import torch
 from .diagnosis import REFERENCES, Action, Diagnosis, FailureKind
 from .signals import (Calibrator, FisherEMA, autograd_hvp, finite_difference_hvp, fisher_interpolate, hutchinson_trace,
                       power_iteration, sam_sharpness)
-from .snapshot import _copy_into, _host_buffer, model_tensors, unwrap_optimizer
+from .snapshot import copy_into, host_buffer, model_tensors, unwrap_optimizer
 
 logger = logging.getLogger("self_healing")
 
@@ -68,8 +68,8 @@ class UpdateUndo:
             return False
         if len(self.buf) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype
                                                 for b, t in zip(self.buf, tensors)):
-            self.buf = [_host_buffer(t) for t in tensors]
-        _copy_into(self.buf, tensors)
+            self.buf = [host_buffer(t) for t in tensors]
+        copy_into(self.buf, tensors)
         if any(t.is_cuda for t in tensors):
             torch.cuda.synchronize()
         self.src, self.signature = tensors, sig
@@ -81,7 +81,7 @@ class UpdateUndo:
         if sig != self.signature or len(tensors) != len(self.buf):
             return False
         with torch.no_grad():
-            _copy_into(tensors, self.buf)
+            copy_into(tensors, self.buf)
         if any(t.is_cuda for t in tensors):
             torch.cuda.synchronize()
         return True

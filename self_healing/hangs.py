@@ -18,42 +18,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from .compat import TRAINING_FRAME_FILES, TRAINING_FRAMES, flight_recorder
 from .phases import IDLE, PhaseClock, rank_info
 
-# ================================================================================================
-# COMPAT-MOVE block: every private Trainer / TRL / torch name the watchdog modules depend on, in one
-# place so it can move into `self_healing/compat.py` in one step (compat.py is being edited by its
-# owner). Nothing else in watchdog.py, phases.py, hangs.py, grace.py or goodput.py names one.
-# ================================================================================================
-TRAINER_SAVE_CHECKPOINT = "_save_checkpoint"  # COMPAT-MOVE: transformers.Trainer private, wrapped as phase "save"
-TRAINER_LOAD_BEST_MODEL = "_load_best_model"  # COMPAT-MOVE: transformers.Trainer private, wrapped as phase "save"
-TRAINER_INNER_LOOP = "_inner_training_loop"  # COMPAT-MOVE: transformers.Trainer private, the training loop
-TRAINER_LOAD_OPTIMIZER = "_load_optimizer_and_scheduler"  # COMPAT-MOVE: transformers.Trainer private, resume load
-TRL_GENERATION = ("_generate_and_score_completions", "_generate")  # COMPAT-MOVE: TRL GRPO/RLOO privates, newest first
-TRAINING_FRAMES = ("train", TRAINER_INNER_LOOP, "_finish_preempted")  # COMPAT-MOVE: frames that mean "in train()"
-# ("_finish_preempted" is self_healing.trainer's own; "train" the public Trainer.train)
-TRAINING_FRAME_FILES = ("self_healing", "transformers", "trl")  # COMPAT-MOVE: the packages those frames live in
-
-
-def flight_recorder() -> tuple[str, bytes] | None:  # COMPAT-MOVE: torch._C._distributed_c10d private dumps
-    """torch's flight recorder (the last collectives of every process group: NCCL, and gloo in
-    recent torch) as ("json", bytes) or ("pickle", bytes); None without a process group or one."""
-    try:
-        import torch
-
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return None
-        import torch._C._distributed_c10d as c10d
-
-        if hasattr(c10d, "_dump_fr_trace_json"):
-            return "json", c10d._dump_fr_trace_json()
-        for name in ("_dump_fr_trace", "_dump_nccl_trace"):
-            if hasattr(c10d, name):
-                return "pickle", getattr(c10d, name)()
-    except Exception:  # noqa: BLE001 - a dump that fails must not stop the hang report
-        return None
-    return None
-# ============================================ end of the COMPAT-MOVE block ==========================
 
 logger = logging.getLogger("self_healing")
 

@@ -454,7 +454,7 @@ def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateRepo
     return report
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
@@ -467,7 +467,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
@@ -478,12 +478,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _host_buffer(t: torch.Tensor) -> torch.Tensor:
+def host_buffer(t: torch.Tensor) -> torch.Tensor:
     """A host tensor shaped like `t` (pinned when `t` is on a CUDA device)."""
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda and torch.cuda.is_available())
 
 
-def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+def copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     if not src:
         return
     try:
@@ -777,7 +777,7 @@ class SnapshotRing:
             if cuda:
                 snap.events = self._copy_async(store.views, src, opt)
             else:
-                _copy_into(store.views, src)
+                copy_into(store.views, src)
             snap.weights = store.views[:len(tensors)]
             ref = store.views.__getitem__
         snap.optimizer_state = [{k: (v.value if isinstance(v, _Value) else ref(v)) for k, v in entry.items()}
@@ -790,7 +790,7 @@ class SnapshotRing:
             # (deep-copying it would copy every tensor, and the parameters keying it, per snapshot)
             snap.param_groups = [{k: _copy_value(v, opt.param_groups) for k, v in g.items()
                                   if k != "params" and k not in param_keyed_states(g)} for g in opt.param_groups]
-        snap.rng_state = _rng_state()
+        snap.rng_state = rng_state()
         snap.extra = copy.deepcopy(extra or {})
         snap.report = report
         snap.taken_at = time.time()
@@ -824,7 +824,7 @@ class SnapshotRing:
                 for i, t in enumerate(tensors):
                     t.copy_(get(i))
             else:
-                _copy_into(tensors, snap.store.views[:snap.n_weights])
+                copy_into(tensors, snap.store.views[:snap.n_weights])
             if optimizer is not None:
                 self._restore_optimizer(snap, unwrap_optimizer(optimizer), get)
         if restore_scheduler:  # the schedule as it was: the scheduler and the LRs it had set
@@ -835,7 +835,7 @@ class SnapshotRing:
                 for g, saved in zip(groups, snap.param_groups):
                     g.update({k: _copy_value(v, groups) for k, v in saved.items()})
         if restore_rng:
-            _set_rng_state(snap.rng_state)
+            set_rng_state(snap.rng_state)
         if any(t.is_cuda for t in tensors) and torch.cuda.is_available():
             torch.cuda.synchronize()  # the host buffers may be reused as soon as this returns
 
@@ -873,7 +873,7 @@ class SnapshotRing:
         self._stream.wait_stream(torch.cuda.current_stream(device))  # after the update that produced them
         with torch.cuda.stream(self._stream):
             start.record()
-            _copy_into(dst, src)
+            copy_into(dst, src)
             end.record()
         for t in src:
             if t.is_cuda:

@@ -74,7 +74,7 @@ class TrackioTracker(TrainerCallback):
         run.log(clean, step=step)
         self.logged_steps += 1
 
-    def _alert(self, title: str, text: str, level: str, step: int | None) -> None:
+    def alert(self, title: str, text: str, level: str, step: int | None) -> None:
         run = self._run()
         if run is None:
             return
@@ -116,7 +116,7 @@ class TrackioTracker(TrainerCallback):
                       "zclip/z_score": z.z_score})
         self._log(m, step)
         if z is not None and z.adaptive:
-            self._alert(f"ZClip clipped step {step}",
+            self.alert(f"ZClip clipped step {step}",
                         f"gradient norm {z.raw_norm:.4g} is a z={z.z_score:.2f} outlier (threshold "
                         f"{cb.zclip.z_thresh:g}): clipped to {z.clipped_norm:.4g}", "INFO", step)
 
@@ -130,7 +130,7 @@ class TrackioTracker(TrainerCallback):
         if actions:
             text += f" -> {', '.join(actions)}"
         title = f"self-healing: {failure} at step {event.get('step')}"
-        self._alert(title, text, level, event.get("step"))
+        self.alert(title, text, level, event.get("step"))
         if "give_up" in actions:
             self._alerted_exit = True
 
@@ -143,7 +143,7 @@ class TrackioTracker(TrainerCallback):
             text += f" ({postmortem['exception_type']}: {str(postmortem.get('exception_message', ''))[:300]})"
         if postmortem.get("give_up_reason"):
             text += f"; {postmortem['give_up_reason']}"
-        self._alert(f"self-healing: run {reason} at step {postmortem.get('last_step')}", text,
+        self.alert(f"self-healing: run {reason} at step {postmortem.get('last_step')}", text,
                     "WARN" if reason == "interrupted" else "ERROR", postmortem.get("last_step"))
         self._alerted_exit = True
 

@@ -65,9 +65,10 @@ from . import compat
 from .goodput import GOODPUT_PARTS, PHASE_PART, STRAGGLER_FACTOR, STRAGGLER_MIN_SECONDS, STRAGGLER_WINDOW, Goodput, \
     Stragglers
 from .grace import PreemptionGrace, fast_state_info
+from .compat import (TRAINER_INNER_LOOP, TRAINER_LOAD_BEST_MODEL, TRAINER_LOAD_OPTIMIZER, TRAINER_SAVE_CHECKPOINT,
+                     TRL_GENERATION, flight_recorder)
 from .hangs import (HANG_DIR, HANG_EXIT_CODE, HEARTBEAT_FILE_SECONDS, PEER_WAIT_SECONDS, REPORT_TIMEOUT,
-                    TRAINER_INNER_LOOP, TRAINER_LOAD_BEST_MODEL, TRAINER_LOAD_OPTIMIZER, TRAINER_SAVE_CHECKPOINT,
-                    TRL_GENERATION, HangDetector, debugger_or_notebook, flight_recorder, flight_recorder_summary,
+                    HangDetector, debugger_or_notebook, flight_recorder_summary,
                     hang_dir, heartbeat_path, looks_like_peer_loss, ranks_behind, read_heartbeats)
 from .phases import HISTORY, IDLE, LONG_PHASES, PHASES, STEP_PHASES, WARMUP, PhaseClock, rank_info
 
@@ -235,7 +236,7 @@ class Watchdog:
         tracker = getattr(self.cb, "tracker", None)
         if tracker is not None:
             try:
-                tracker._alert(title, text, level, step)  # OWNER-CHANGE (tracking.py): a public Tracker.alert
+                tracker.alert(title, text, level, step)
             except Exception:  # noqa: BLE001
                 pass
 

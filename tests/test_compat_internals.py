@@ -6,6 +6,7 @@ newest supported releases, where some fallbacks are the real path."""
 import contextlib
 import inspect
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -56,7 +57,9 @@ def test_every_listed_trainer_internal_goes_through_compat():
     version handling (and its fallback)."""
     names = ["_get_grad_norm", "_clip_grad_norm", "_get_num_items_in_batch", "_save_optimizer_and_scheduler",
              "_save_scaler", "_save_rng_state", "_tr_loss", "_train_batch_size", "_created_lr_scheduler",
-             "_buffered_inputs", "_last_lr", "_next_step", "safe_globals", "_run_ddp_forward"]
+             "_buffered_inputs", "_last_lr", "_next_step", "safe_globals", "_run_ddp_forward", "_save_checkpoint",
+             "_load_best_model", "_inner_training_loop", "_load_optimizer_and_scheduler",
+             "_generate_and_score_completions", "_dump_fr_trace_json", "_dump_fr_trace", "_dump_nccl_trace"]
     pkg = Path(compat.__file__).parent
     offenders = []
     for f in sorted(pkg.glob("*.py")):
@@ -102,6 +105,31 @@ def test_guard_phase_wraps_exist():
     assert list(inspect.signature(Trainer._save_checkpoint).parameters)[:3] == ["self", "model", "trial"]
     assert callable(Trainer._load_best_model) and callable(Trainer._inner_training_loop)
     assert "self._save_checkpoint(" in inspect.getsource(Trainer)
+
+
+def test_guard_watchdog_internals():
+    """The watchdog wraps `_load_optimizer_and_scheduler(checkpoint)` for fast-state resumes, and finds
+    the training thread by `train` -> `_inner_training_loop` frames from transformers' files."""
+    assert list(inspect.signature(Trainer._load_optimizer_and_scheduler).parameters)[:2] == ["self", "checkpoint"]
+    assert "self._load_optimizer_and_scheduler(" in LOOP or "_load_optimizer_and_scheduler(" in inspect.getsource(Trainer)
+    assert compat.TRAINER_INNER_LOOP in inspect.getsource(Trainer.train)
+    assert all(callable(getattr(Trainer, n)) for n in (compat.TRAINER_SAVE_CHECKPOINT, compat.TRAINER_LOAD_BEST_MODEL,
+                                                        compat.TRAINER_INNER_LOOP, compat.TRAINER_LOAD_OPTIMIZER))
+
+
+def test_guard_flight_recorder(monkeypatch):
+    """No process group: nothing to dump. A gloo group: torch 2.13 dumps its collectives as JSON."""
+    import torch.distributed as dist
+
+    assert compat.flight_recorder() is None
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 2000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        kind, data = compat.flight_recorder()
+        assert kind in ("json", "pickle") and isinstance(data, bytes) and data
+    finally:
+        dist.destroy_process_group()
 
 
 def test_guard_save_internals_write_a_state_the_trainer_can_resume(tmp_path):

@@ -261,7 +261,7 @@ def test_auto_interval_keeps_the_snapshot_under_its_budget():
     from self_healing.callback import SelfHealingCallback
 
     cb = SelfHealingCallback(HealingConfig())
-    cb._step_times.extend([0.2] * 5)
+    cb.engine.step_times.extend([0.2] * 5)
     cb.engine.tune_snapshot_interval(0.01)  # 10 ms per snapshot, 200 ms steps, 0.5% budget: every 10 steps
     assert cb.snapshot_interval == 10
     cb.engine.tune_snapshot_interval(0.0001)
