@@ -348,8 +348,7 @@ class EarlyWarning(TrainerCallback):
         actions, recent = self.probe.reject(r.step, self.cb.model, self.cb.optimizer, self.observe_only,
                                             self._can_cut_lr())
         if Action.SKIP_STEP in actions:
-            self.cb.recorder.counters["skipped_steps"] += 1
-            self.cb.engine.step_flagged = True  # the step's update was not kept: it verifies no snapshot
+            self.cb.engine.note_update_undone()
             self.growth_judge.forget_last()
         diag = probe_diagnosis(r, self.alpha_fail, actions, recent)
         if Action.REDUCE_LR in actions:

@@ -185,6 +185,12 @@ class Healer:
         self.notify("on_step", step, signals, info)
         return decision
 
+    def note_update_undone(self) -> None:
+        """An observer (the probe check) put the weights back after the step's update: the step counts
+        as skipped and, its update not kept, verifies no snapshot and takes none."""
+        self.recorder.counters["skipped_steps"] += 1
+        self.step_flagged = True
+
     def observe_step_time(self) -> None:
         """Called once per finished step: the step times that size the auto snapshot interval."""
         now = time.perf_counter()

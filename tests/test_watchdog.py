@@ -159,9 +159,13 @@ def test_warn_mode_dumps_and_training_goes_on(tmp_path):
     state = {"slept": False}
 
     def stall(module, args):
+        """Step 7 stalls until the watchdog has warned (a fixed 2 s sleep flaked: under load the
+        calibrated bound, 10x the step time, can pass 2 s), at most 60 s."""
         if module.training and tr.state.global_step + 1 == 7 and not state["slept"]:
             state["slept"] = True
-            time.sleep(2.0)
+            give_up = time.monotonic() + 60.0
+            while not sh.callback.watchdog.watchdog.hang_warnings and time.monotonic() < give_up:
+                time.sleep(0.05)
 
     tr.model.register_forward_pre_hook(stall)
     cfg = HealingConfig(snapshot_every_steps=5, hang_floor_seconds=0.5, hang_startup_seconds=30.0,
