@@ -162,8 +162,8 @@ class TurnCallback(TrainerCallback):
         """The plugin times steps from one `on_step_end` to the next, which here would include the
         other trainers' turns and make "auto" snapshot several times too often. Give it the step
         times measured here instead, as it would see them running alone."""
-        window = _StepTimes(maxlen=callback._step_times.maxlen)
-        callback._step_times = window
+        window = _StepTimes(maxlen=callback.engine.step_times.maxlen)
+        callback.engine.step_times = window
         self.sinks.append(window)
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -150,7 +150,7 @@ def heartbeat_cost(steps: int = 200_000) -> float:
     cb = SimpleNamespace(config=HealingConfig(), trainer=SimpleNamespace(state=state),
                          recorder=SimpleNamespace(counters={"steps_lost": 0}, extra={}))
     wd = Watchdog(cb)
-    wd._beat = ("after_step", time.monotonic(), 0)
+    wd.clock.current = ("after_step", time.monotonic(), 0)
     t0 = time.perf_counter()
     for i in range(1, steps + 1):
         wd.beat("data_wait")

@@ -15,18 +15,23 @@ the min is the code's cost and the median what contention makes of it; the heade
 speed of an empty Python call at the time, ~40-50 ns on an idle core here). Periodic work (the integrity
 pass every `integrity_check_every_steps`, the snapshot copy) lands on one step in N: it has its
 own rows, per call and amortized, and is left out of the per-step total. The rank-agreement
-packing (the multi-process path of `_signals`: one all_gather of every rank's loss, norm,
-exception code, preemption signal and own step time) is timed by driving it directly, with the
-collective itself replaced by a one-row identity. Target: the per-step path under 200 us.
+packing (the multi-process path of the step's signals, `StepReader.gathered`: one all_gather of
+every rank's loss, norm, exception code, preemption signal, own step time and LR ratio) is timed by
+driving it directly, with the collective itself replaced by a one-row identity. Where the engine
+(`Healer`, a facade) hands a piece to one of its parts (`StepReader`, `Reporter`, `SnapshotKeeper`),
+both are timed under one row. A piece not found where this script looks, or timed but never run,
+is an error (`MissingHook`), not a missing row. Target: the per-step path under 200 us.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
 import tempfile
 import time
+import types
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +47,10 @@ CLIP_ROWS = ("ZClip: measure the norm (wraps _clip_grad_norm)", "  ZClip: scale_
 which gets the difference from `clipping_us` instead."""
 TRAINER_WORK = "[trainer's own work]"
 """The label of the Trainer's original methods, timed inside the plugin's wrappers: not the plugin's."""
+
+
+class MissingHook(RuntimeError):
+    """A row's code is not where this script looks for it, or it never ran when it should have."""
 
 
 class Timers:
@@ -60,10 +69,15 @@ class Timers:
         self.on = False
 
     def wrap(self, obj: Any, name: str, label: str) -> bool:
-        """Replace `obj.name` (an instance attribute, or a module function) by a timed call;
-        False when there is no such attribute (the code moved)."""
+        """Replace `obj.name` (an instance attribute, or a module function) by a timed call; False
+        when it is timed under this label already. No such attribute (the code moved) is an error:
+        a row must not silently drop out of the table."""
         orig = getattr(obj, name, None) if obj is not None else None
-        if orig is None or getattr(orig, "_step_cost_label", None) == label:
+        if orig is None:
+            where = getattr(obj, "__name__", None) if isinstance(obj, types.ModuleType) else type(obj).__name__
+            raise MissingHook(f"step_cost: nothing to time for the row {label!r}: {where}.{name} is gone (the "
+                              "plugin's code moved; point benchmarks/step_cost.py at where it lives now)")
+        if getattr(orig, "_step_cost_label", None) == label:
             return False
         setattr(obj, name, self.timed(orig, label))
         return True
@@ -74,19 +88,22 @@ class Timers:
         stack, step, calls, clock = self.stack, self.step, self.calls, time.perf_counter_ns
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            stack.append([0, 0])
+            stack.append([0, 0, label])
             t0 = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
                 dt = clock() - t0
-                children, n = stack.pop()
+                children, n, _ = stack.pop()
+                inner = False  # a facade's call into its part, both timed under one row: one call
                 if stack:
                     stack[-1][0] += dt
                     stack[-1][1] += 1
+                    inner = stack[-1][2] == label
                 if self.on:
                     step[label] += max(dt - children - n * self.overhead_ns, 0.0)
-                    calls[label] += 1
+                    if not inner:
+                        calls[label] += 1
 
         timed._step_cost_label = label  # type: ignore[attr-defined]
         return timed
@@ -144,60 +161,103 @@ class TimedIterator:
         return self._next(self.it)
 
 
-def _engine(cb: Any) -> Any:
-    """The decider behind the callback: `cb.engine` (self_healing.engine) where there is one."""
-    return getattr(cb, "engine", None)
+PATCHED = (("self_healing.engine", "scale_gradients", CLIP_ROWS[1]),
+           ("self_healing.callback", "save_to_trainer_state", "  ZClip: save_to_trainer_state"))
+"""Module functions the timers replace during a run (and put back after it): the modules that call them."""
+SIGNALS = "  signals: stack + the step's one host sync"
+LOG_ROWS = ("callback.on_log", "journal: metrics line (on_log)", "trackio: on_log")
+"""Rows of the Trainer's logging steps (every `logging_steps`)."""
 
 
-def instrument(tr: Any, sh: Any, inner: dict[str, Any], t: Timers) -> None:
-    """Time every per-step piece of the plugin on this trainer (see the module docstring). Works
-    on the callback's methods and, where the decision lives in `self_healing.engine`, the engine's."""
-    import self_healing.callback as cbm
-
-    cb, eng = sh.callback, _engine(sh.callback)
-    for name in ("training_step", "_get_grad_norm"):
+def instrument(tr: Any, sh: Any, inner: dict[str, Any], t: Timers) -> list[str]:
+    """Time every per-step piece of the plugin on this trainer (see the module docstring): the
+    callback's events, the engine (`cb.engine`, a facade: where it hands a piece to one of its
+    parts, the facade's method and the part's are timed under one row), the preemption agreement,
+    the observers. A piece that is not found raises `MissingHook`. Returns the Trainer methods the
+    plugin wraps (their rows are expected on every step)."""
+    cb = sh.callback
+    eng = cb.engine
+    wrapped = []
+    for name in ("training_step", "get_batch_samples", "_get_grad_norm", "_clip_grad_norm"):
         if name in inner and getattr(tr, name) is not inner[name]:
+            wrapped.append(name)
+    must = [n for n in ("training_step", "get_batch_samples", "_get_grad_norm") if n in inner]  # on this Trainer
+    if cb.zclip is not None and "_clip_grad_norm" in inner:
+        must.append("_clip_grad_norm")
+    lost = [n for n in must if n not in wrapped]
+    if lost:
+        raise MissingHook(f"step_cost: the plugin no longer wraps the Trainer's {', '.join(lost)}: their rows would "
+                          "be missing (see self_healing.hf_patches.TrainerPatches / compat.install_grad_norm)")
+    for name in ("training_step", "_get_grad_norm"):
+        if name in wrapped:
             t.wrap(tr, name, f"wrapper: {name}")
-    if "_clip_grad_norm" in inner and getattr(tr, "_clip_grad_norm") is not inner["_clip_grad_norm"]:
+    if "_clip_grad_norm" in wrapped:
         t.wrap(tr, "_clip_grad_norm", CLIP_ROWS[0])
-    if "get_batch_samples" in inner and getattr(tr, "get_batch_samples") is not inner["get_batch_samples"]:
+    if "get_batch_samples" in wrapped:
         outer = t.timed(tr.get_batch_samples, "wrapper: get_batch_samples")
         fetch = t.timed(next, TRAINER_WORK)
         tr.get_batch_samples = lambda it, *a, **k: outer(TimedIterator(it, fetch), *a, **k)
     t.wrap(cb, "on_step_begin", "callback.on_step_begin")
     t.wrap(cb, "on_pre_optimizer_step", "callback.on_pre_optimizer_step (the decision)")
-    for obj, name in ((cb, "_signals"), (eng, "step_signals")):
-        t.wrap(obj, name, "  signals: stack + the step's one host sync")
+    for obj, name in ((cb.preemption, "step_signals"), (eng, "step_signals"), (eng.reader, "step_signals"),
+                      (eng.reader, "gathered")):  # gathered: the multi-process path (see packing_us)
+        t.wrap(obj, name, SIGNALS)
     t.wrap(eng, "judge_step", "  engine.judge_step")
-    for mod in (cbm, sys.modules.get("self_healing.engine")):
-        t.wrap(mod, "scale_gradients", CLIP_ROWS[1])
-    for obj, name in ((cb, "_notify"), (eng, "notify")):
-        t.wrap(obj, name, "  observers (journal, watchdog)")
+    t.wrap(importlib.import_module(PATCHED[0][0]), PATCHED[0][1], PATCHED[0][2])  # scale_gradients
+    for obj in (eng, eng.reporter):
+        t.wrap(obj, "notify", "  observers (journal, watchdog)")
     t.wrap(cb, "on_step_end", "callback.on_step_end")
     t.wrap(eng, "end_step", "  engine.end_step")
-    t.wrap(cbm, "save_to_trainer_state", "  ZClip: save_to_trainer_state")
-    for obj, name in ((cb, "_check_state"), (eng, "check_state")):
-        t.wrap(obj, name, PERIODIC[0])
-    for obj, name in ((cb, "_capture"), (eng, "capture")):
-        t.wrap(obj, name, PERIODIC[1])
-    t.wrap(cb, "on_log", "callback.on_log")
+    t.wrap(importlib.import_module(PATCHED[1][0]), PATCHED[1][1], PATCHED[1][2])  # save_to_trainer_state
+    for obj in (eng, eng.reader):
+        t.wrap(obj, "check_state", PERIODIC[0])
+    for obj in (eng, eng.snapshots):
+        t.wrap(obj, "capture", PERIODIC[1])
+    t.wrap(cb, "on_log", LOG_ROWS[0])
     if cb.journal is not None:
         t.wrap(cb.journal, "on_step_end", "journal: progress line (on_step_end)")
-        t.wrap(cb.journal, "on_log", "journal: metrics line (on_log)")
+        t.wrap(cb.journal, "on_log", LOG_ROWS[1])
     if cb.watchdog is not None:
         t.wrap(cb.watchdog, "on_step_end", "watchdog: heartbeat (on_step_end)")
     if cb.tracker is not None:
         for hook in ("on_step_end", "on_log"):
             t.wrap(cb.tracker, hook, f"trackio: {hook}")
+    return wrapped
 
 
 def instrument_run(cb: Any, t: Timers) -> None:
     """The objects a fresh `train()` call makes anew (detectors, record, ZClip): timed once it has."""
-    t.wrap(cb.monitor, "check", "  detectors: StepMonitor.check")
-    t.wrap(cb.monitor, "accept", "  detectors: StepMonitor.accept")
-    t.wrap(cb.recorder, "observe", "  postmortem history: recorder.observe")
-    if cb.zclip is not None:
-        t.wrap(cb.zclip, "observe", "  ZClip.observe")
+    eng = cb.engine
+    t.wrap(eng.monitor, "check", "  detectors: StepMonitor.check")
+    t.wrap(eng.monitor, "accept", "  detectors: StepMonitor.accept")
+    t.wrap(eng.recorder, "observe", "  postmortem history: recorder.observe")
+    if eng.zclip is not None:
+        t.wrap(eng.zclip, "observe", "  ZClip.observe")
+
+
+def check_rows(t: Timers, cb: Any, tr: Any) -> None:
+    """Every timed row ran: each step's on every step, the periodic ones when the run was long
+    enough to reach them. A row that never ran means its code is no longer on the path timed."""
+    ran = {lab for s in t.steps for lab in s}
+    n = len(t.steps)
+    every = {PERIODIC[0]: cb.config.integrity_check_every_steps,
+             PERIODIC[1]: cb.snapshot_interval}  # the interval changes only at a capture
+    args = tr.args
+    log_every = args.logging_steps if str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "steps" \
+        and float(args.logging_steps) >= 1 else None
+    for lab in LOG_ROWS:
+        every[lab] = int(log_every) if log_every else None
+    if cb.zclip is None:  # ZClip's functions are timed (PATCHED) but only run with ZClip on
+        for _, _, lab in PATCHED:
+            every[lab] = None
+    if not getattr(args, "max_grad_norm", 0):  # the Trainer computes no norm then
+        for lab in ("wrapper: _get_grad_norm", CLIP_ROWS[0]):
+            every[lab] = None
+    missing = [lab for lab in t.order if lab != TRAINER_WORK and lab not in ran
+               and (lab not in every or (every[lab] is not None and n >= every[lab]))]
+    if missing:
+        raise MissingHook(f"step_cost: timed but never ran in {n} steps: {missing} (the plugin no longer calls "
+                          "the code timed there; point benchmarks/step_cost.py at where it lives now)")
 
 
 def clipping_us(tr: Any, n: int = 30) -> tuple[float, float] | None:
@@ -205,12 +265,11 @@ def clipping_us(tr: Any, n: int = 30) -> tuple[float, float] | None:
     in its place (measure the norm, then scale), on the same gradients, in turns."""
     import torch
 
-    import self_healing.callback as cbm
+    from self_healing.hf_patches import measure_grad_norm as measure
     from self_healing.zclip import scale_gradients
 
-    measure = getattr(cbm, "_measure_grad_norm", None)
     model = tr.model
-    if measure is None or not getattr(tr.args, "max_grad_norm", 0):
+    if not getattr(tr.args, "max_grad_norm", 0):  # the Trainer clips nothing: nothing to compare with
         return None
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(0)
@@ -237,21 +296,20 @@ def clipping_us(tr: Any, n: int = 30) -> tuple[float, float] | None:
     return statistics.median(bare) / 1000, statistics.median(zclip) / 1000
 
 
-def packing_us(cb: Any, n: int = 3000) -> float | None:
+def packing_us(cb: Any, n: int = 3000) -> float:
     """Median us of the rank-agreement packing and unpacking (the multi-process path of the step's
-    signals) with the all_gather replaced by a one-row identity: what that path adds on the host."""
+    signals, `StepReader.gathered`) with the all_gather replaced by a one-row identity: what that
+    path adds on the host. The row carries what `StepReader.step_signals` gives it under
+    torch.distributed: the preemption signal, this rank's own time, its LR ratio."""
     import torch
 
-    eng = _engine(cb)
-    mod = sys.modules["self_healing.engine" if eng is not None and hasattr(eng, "_gathered") else "self_healing.callback"]
-    if eng is not None and hasattr(eng, "_gathered"):
-        own = cb.watchdog.watchdog.take_own_seconds() if cb.watchdog is not None else 0.0
-        call = lambda l, g: eng._gathered(l, g, None, [0.0, own])  # noqa: E731 - preemption signal, own time
-    elif hasattr(cb, "_gathered_signals"):
-        call = cb._gathered_signals
-    else:
-        return None
-    saved = mod.gather_rows
+    import self_healing.step_reader as mod
+
+    eng = cb.engine
+    own = cb.watchdog.watchdog.take_own_seconds() if cb.watchdog is not None else 0.0
+    extra = [0.0, own, 1.0]  # preemption signal, own time (stragglers), LR over its schedule
+    call = lambda l, g: eng.reader.gathered(l, g, None, extra)  # noqa: E731
+    saved = mod.gather_rows  # raises if the module no longer gathers (the code moved)
     mod.gather_rows = lambda v: v.reshape(1, -1)
     loss, gn = torch.tensor(2.5), torch.tensor(0.7)
     out = []
@@ -262,18 +320,13 @@ def packing_us(cb: Any, n: int = 3000) -> float | None:
             out.append(time.perf_counter_ns() - t0)
     finally:
         mod.gather_rows = saved
-        cb._rank_rows = None
+        eng.rank_rows = None
     return statistics.median(out) / 1000
 
 
 def q(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(int(p * len(s)), len(s) - 1)] if s else float("nan")
-
-
-PATCHED = (("self_healing.callback", "scale_gradients"), ("self_healing.engine", "scale_gradients"),
-           ("self_healing.callback", "save_to_trainer_state"))
-"""Module functions the timers replace during a run (and put back after it)."""
 
 
 def measure(size: str, preset: str, steps: int, warmup: int, overhead_ns: float) -> dict[str, Any]:
@@ -300,7 +353,7 @@ def measure(size: str, preset: str, steps: int, warmup: int, overhead_ns: float)
             t.on = False
             return control
 
-    saved = [(m, n, getattr(sys.modules[m], n)) for m, n in PATCHED if hasattr(sys.modules.get(m), n)]
+    saved = [(m, n, getattr(importlib.import_module(m), n)) for m, n, _ in PATCHED]  # raises if one moved
     with tempfile.TemporaryDirectory(prefix="sh-step-cost-") as tmp:
         tr = C.build(size, tmp, max_steps=steps)
         tr.add_callback(StepBoundary())
@@ -318,6 +371,7 @@ def measure(size: str, preset: str, steps: int, warmup: int, overhead_ns: float)
             for m, n, f in saved:
                 setattr(sys.modules[m], n, f)
         cb = sh.callback
+        check_rows(t, cb, tr)
         pack = packing_us(cb)
         clip = clipping_us(tr) if cb.zclip is not None else None
         n = C.n_params(tr.model)

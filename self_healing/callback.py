@@ -31,7 +31,6 @@ from .zclip import save_to_trainer_state
 logger = logging.getLogger("self_healing")
 
 _POLICY_LOSS_TRAINERS = ("GRPOTrainer", "RLOOTrainer")
-_measure_grad_norm = measure_grad_norm  # the name benchmarks/step_cost.py times ZClip's measurement by
 
 __all__ = ["SelfHealingCallback", "trainer_kind", "free_memory", "step_origin", "GuardedCollator", "SkippedBatch"]
 
@@ -102,8 +101,6 @@ class SelfHealingCallback(TrainerCallback):
     gave_up = _owned_by("engine", "gave_up")
     give_up_reason = _owned_by("engine", "give_up_reason")
     snapshot_interval = _owned_by("engine", "snapshot_interval")
-    _step_times = _owned_by("engine", "step_times")  # benchmarks/_common.py swaps it (use engine.step_times)
-    _rank_rows = _owned_by("engine", "rank_rows")  # benchmarks/step_cost.py resets it (use engine.rank_rows)
     passthrough = _owned_by("patches", "passthrough")  # during `dry_run` the wrappers only call through
     phase = _owned_by("patches", "phase")  # "train", "eval" or "save": an OOM in eval keeps the batch size
     streamed_data = _owned_by("patches", "streamed_data")  # a stream's bad batches cannot be skipped

@@ -120,7 +120,6 @@ class Watchdog:
     def phase(self) -> str:
         return self.clock.current[0]
 
-    _beat = _part("clock", "current", "(phase, monotonic start, step); benchmarks/overhead.py sets it")
     where = _part("clock", "where", "Inside a train step: forward, backward or optimizer.")
     started_wall = _part("clock", "started_wall", "This launch's start (time.time()).")
     started_mono = _part("clock", "started_mono", "This launch's start (time.monotonic()).")

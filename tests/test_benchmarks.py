@@ -95,3 +95,23 @@ def test_step_cost_prints_microseconds_per_component(capsys):
         assert 0 <= low <= median <= p90
     assert any(k.startswith("ZClip clipping") for k in rows)  # the aggressive preset's clipping, against the Trainer's
     assert any(k.startswith("integrity pass") for k in rows) and any(k.startswith("rank-agreement packing") for k in rows)
+
+
+def test_step_cost_fails_loudly_when_a_row_has_nothing_to_time():
+    from types import SimpleNamespace
+
+    import step_cost
+
+    t = step_cost.Timers()
+    with pytest.raises(step_cost.MissingHook, match="gone"):
+        t.wrap(SimpleNamespace(), "step_signals", step_cost.SIGNALS)  # the code moved: no silent missing row
+    obj = SimpleNamespace(f=lambda: None, g=lambda: None)
+    t.wrap(obj, "f", "f")
+    t.wrap(obj, "g", "g")
+    t.flush()
+    obj.f()
+    t.flush()
+    cb = SimpleNamespace(config=SimpleNamespace(integrity_check_every_steps=10), snapshot_interval=10, zclip=None)
+    tr = SimpleNamespace(args=SimpleNamespace(logging_steps=10, logging_strategy="steps", max_grad_norm=1.0))
+    with pytest.raises(step_cost.MissingHook, match="never ran"):  # timed, but no longer on the path
+        step_cost.check_rows(t, cb, tr)
