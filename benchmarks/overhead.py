@@ -119,7 +119,7 @@ def measure(size: str, presets: list[str], steps: int, warmup: int, kind: str, r
                 periodic[p][2] += sh.periodic.alloc_seconds
                 cb = sh.callback
                 d = info.setdefault(p, {"interval": cb.snapshot_interval, "copies": [], "events": 0})
-                d["copies"] += list(getattr(cb, "_copy_times", [])) or [s.copy_seconds for s in cb.ring.snapshots]
+                d["copies"] += [s.copy_seconds for s in cb.ring.snapshots]
                 d["events"] += len(cb.recorder.events) + (sh.exit_reason != "completed")
     rows = []
     for p in presets:

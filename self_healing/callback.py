@@ -22,7 +22,7 @@ from . import compat
 from .config import HealingConfig
 from .detectors import StepMonitor, StepSignals
 from .engine import Decision, Healer
-from .hf_patches import GuardedCollator, SkippedBatch, TrainerPatches, free_memory, measure_grad_norm, step_origin
+from .hf_patches import GuardedCollator, SkippedBatch, TrainerPatches, free_memory, step_origin
 from .plugin_parts import PluginParts
 from .preemption import PreemptionAgreement
 from .run_carryover import RunCarryOver

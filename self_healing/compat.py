@@ -105,8 +105,9 @@ INTERNALS: dict[str, Internal] = {
         "a rank re-running a step that failed inside DDP's forward skips the buffer broadcast it already issued",
         "torch 2.13", "unguarded (DDP only, a rank whose step failed): the re-run broadcasts again and the ranks end at "
         "the collective timeout (auto-resume takes over)"),
-    "torch._foreach_mul_": Internal("fault injection scales many tensors at once", "torch 2.13",
-                                    "fallback: one mul_ per tensor"),
+    "torch._foreach_mul_/_norm/_copy_/_add_/_addcmul_": Internal(
+        "fused passes over many tensors: integrity norms, snapshot copies, ZClip scaling, early-warning "
+        "probes and fault injection", "torch 2.13", "fallback: one op per tensor"),
 }
 
 _REQUIRED_ON_TRAINER = ("training_step", "get_batch_samples", "_train_batch_size", "_created_lr_scheduler",
@@ -363,15 +364,49 @@ def set_trackio_next_step(run: Any, step: int) -> bool:
     return False
 
 
-def foreach_mul_(tensors: list, factor: float) -> None:
+def foreach_mul_(tensors: list, factor: Any) -> None:
     """In-place multiply many tensors at once (`torch._foreach_mul_`), else one by one."""
     if not tensors:
         return
-    if hasattr(torch, "_foreach_mul_"):
+    if _FOREACH:
         torch._foreach_mul_(tensors, factor)
     else:
         for t in tensors:
             t.mul_(factor)
+
+
+def foreach_norm(tensors: list) -> list:
+    """The 2-norm of each tensor, in one fused kernel where torch has it."""
+    return torch._foreach_norm(tensors) if _FOREACH else [torch.linalg.vector_norm(t) for t in tensors]
+
+
+def foreach_copy_(dst: list, src: list, non_blocking: bool = False) -> None:
+    if _FOREACH:
+        torch._foreach_copy_(dst, src, non_blocking=non_blocking)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s, non_blocking=non_blocking)
+
+
+def foreach_add_(tensors: list, others: list, alpha: float = 1.0) -> None:
+    if _FOREACH:
+        torch._foreach_add_(tensors, others, alpha=alpha)
+    else:
+        for t, o in zip(tensors, others):
+            t.add_(o, alpha=alpha)
+
+
+def foreach_addcmul_(tensors: list, t1: list, t2: list, value: float = 1.0) -> None:
+    if _FOREACH:
+        torch._foreach_addcmul_(tensors, t1, t2, value=value)
+    else:
+        for t, a, b in zip(tensors, t1, t2):
+            t.addcmul_(a, b, value=value)
+
+
+_FOREACH = all(hasattr(torch, n) for n in ("_foreach_mul_", "_foreach_norm", "_foreach_copy_", "_foreach_add_",
+                                           "_foreach_addcmul_"))
+"""torch's fused multi-tensor ops (private names, public in practice: torch.optim uses them)."""
 
 
 # --- the watchdog's phases and hang report --------------------------------------------------------

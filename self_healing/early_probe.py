@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import compat
 from .diagnosis import REFERENCES, Action, Diagnosis, FailureKind
 from .signals import (Calibrator, FisherEMA, autograd_hvp, finite_difference_hvp, fisher_interpolate, hutchinson_trace,
                       power_iteration, sam_sharpness)
@@ -275,7 +276,7 @@ class FisherEWC:
         (w_before - snapshot), so the weights that matter most stay closest to the snapshot."""
         restored = [p.detach().clone() for p in params]
         with torch.no_grad():
-            torch._foreach_copy_(params, before)
+            compat.foreach_copy_(params, before)
         fisher_interpolate(params, restored, imp)
 
     def set_anchor(self, params: list[torch.Tensor], until: int) -> None:
@@ -297,11 +298,11 @@ class FisherEWC:
             return False
         with torch.no_grad():
             pulls = [f * (p.detach() - a) for p, a, f in live]
-            pull_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(pulls))))
-            grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p, _, _ in live]))))
+            pull_norm = float(torch.linalg.vector_norm(torch.stack(compat.foreach_norm(pulls))))
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(compat.foreach_norm([p.grad for p, _, _ in live]))))
             if not (pull_norm > 0 and math.isfinite(pull_norm) and math.isfinite(grad_norm)):
                 return False
-            torch._foreach_add_([p.grad for p, _, _ in live], pulls, alpha=self.strength * grad_norm / pull_norm)
+            compat.foreach_add_([p.grad for p, _, _ in live], pulls, alpha=self.strength * grad_norm / pull_norm)
         return True
 
 

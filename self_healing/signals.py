@@ -37,6 +37,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from . import compat
+
 # ------------------------------------------------------------------------------------------------
 # growth
 # ------------------------------------------------------------------------------------------------
@@ -367,14 +369,14 @@ def finite_difference_hvp(loss_fn: Callable[[], torch.Tensor], params: Sequence[
         saved = [p.detach().clone() for p in params]
         try:
             with torch.no_grad():
-                torch._foreach_add_(params, v, alpha=e)
+                compat.foreach_add_(params, v, alpha=e)
             gp = grad_at()
             with torch.no_grad():
-                torch._foreach_add_(params, v, alpha=-2 * e)
+                compat.foreach_add_(params, v, alpha=-2 * e)
             gm = grad_at()
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(params, saved)
+                compat.foreach_copy_(params, saved)
         return [(a - b) / (2 * e) for a, b in zip(gp, gm)]
 
     return hvp
@@ -396,11 +398,11 @@ def sam_sharpness(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Te
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
-            torch._foreach_add_(params, list(grads), alpha=rho / gn)
+            compat.foreach_add_(params, list(grads), alpha=rho / gn)
             up = float(loss_fn())
     finally:
         with torch.no_grad():
-            torch._foreach_copy_(params, saved)
+            compat.foreach_copy_(params, saved)
     return up - base, base
 
 
@@ -427,8 +429,8 @@ class FisherEMA:
             return
         fs, gl = [f for f, _ in live], [g.detach() for _, g in live]
         with torch.no_grad():
-            torch._foreach_mul_(fs, self.beta)
-            torch._foreach_addcmul_(fs, gl, gl, value=1 - self.beta)
+            compat.foreach_mul_(fs, self.beta)
+            compat.foreach_addcmul_(fs, gl, gl, value=1 - self.beta)
         self.updates += 1
 
     def importance(self, normalize: str = "max") -> Tensors | None:

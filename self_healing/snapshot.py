@@ -44,6 +44,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from . import compat
 from .detectors import (EPOCH_KEY, FIRST_LOSS_KEY, GROWTH_KEY, LOSS_KEY, REACH_KEY, StateReport, adam_update_bound,
                         adamax_update_bound, current_losses)
 from .distributed import local_tensor, reshard
@@ -142,7 +143,7 @@ def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
         by_device.setdefault(t.device, []).append(t.detach())
     parts = []
     for ts in by_device.values():
-        norms = torch._foreach_norm(ts)
+        norms = compat.foreach_norm(ts)
         parts.append(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).cpu())
     return torch.linalg.vector_norm(torch.stack(parts))
 
@@ -366,9 +367,9 @@ def _sgd_rule(me, opt, gi, group, ps):
 def _device_norm(ts: list[torch.Tensor]) -> torch.Tensor:
     devs = {t.device for t in ts}
     if len(devs) == 1:
-        return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(ts)]))
+        return torch.linalg.vector_norm(torch.stack([n.float() for n in compat.foreach_norm(ts)]))
     first = ts[0].device
-    parts = [torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm([t for t in ts if t.device == d])])).to(first)
+    parts = [torch.linalg.vector_norm(torch.stack([n.float() for n in compat.foreach_norm([t for t in ts if t.device == d])])).to(first)
              for d in devs]
     return torch.linalg.vector_norm(torch.stack(parts))
 
@@ -487,7 +488,7 @@ def copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     if not src:
         return
     try:
-        torch._foreach_copy_(dst, [s.detach() for s in src], non_blocking=True)
+        compat.foreach_copy_(dst, [s.detach() for s in src], non_blocking=True)
     except (RuntimeError, TypeError):
         for d, s in zip(dst, src):
             d.copy_(s.detach(), non_blocking=True)

@@ -28,6 +28,7 @@ from typing import Any, Iterable
 
 import torch
 
+from . import compat
 from .distributed import local_tensor
 
 TRAINER_STATE_KEY = "SelfHealingZClip"
@@ -211,7 +212,7 @@ def scale_gradients(parameters: Iterable[torch.nn.Parameter], coefficient: float
         return
     grads = [local_tensor(p.grad) for p in parameters if p.grad is not None]
     if grads:
-        torch._foreach_mul_(grads, coefficient)
+        compat.foreach_mul_(grads, coefficient)
 
 
 def save_to_trainer_state(zclip: ZClip, trainer_state: Any) -> None:

@@ -59,7 +59,8 @@ def test_every_listed_trainer_internal_goes_through_compat():
              "_save_scaler", "_save_rng_state", "_tr_loss", "_train_batch_size", "_created_lr_scheduler",
              "_buffered_inputs", "_last_lr", "_next_step", "safe_globals", "_run_ddp_forward", "_save_checkpoint",
              "_load_best_model", "_inner_training_loop", "_load_optimizer_and_scheduler",
-             "_generate_and_score_completions", "_dump_fr_trace_json", "_dump_fr_trace", "_dump_nccl_trace"]
+             "_generate_and_score_completions", "_dump_fr_trace_json", "_dump_fr_trace", "_dump_nccl_trace",
+             "_foreach_norm", "_foreach_copy_", "_foreach_add_", "_foreach_mul_", "_foreach_addcmul_"]
     pkg = Path(compat.__file__).parent
     offenders = []
     for f in sorted(pkg.glob("*.py")):
@@ -115,6 +116,23 @@ def test_guard_watchdog_internals():
     assert compat.TRAINER_INNER_LOOP in inspect.getsource(Trainer.train)
     assert all(callable(getattr(Trainer, n)) for n in (compat.TRAINER_SAVE_CHECKPOINT, compat.TRAINER_LOAD_BEST_MODEL,
                                                         compat.TRAINER_INNER_LOOP, compat.TRAINER_LOAD_OPTIMIZER))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_foreach_ops_and_their_fallback_agree(fused, monkeypatch):
+    """The fused multi-tensor ops and the one-op-per-tensor fallback give the same numbers."""
+    monkeypatch.setattr(compat, "_FOREACH", fused)
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    b = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    want = [x * 2 + 0.5 * y + 0.25 * y * y for x, y in zip(a, b)]
+    out = [torch.empty_like(x) for x in a]
+    compat.foreach_copy_(out, a)
+    compat.foreach_mul_(out, 2.0)
+    compat.foreach_add_(out, b, alpha=0.5)
+    compat.foreach_addcmul_(out, b, b, value=0.25)
+    assert all(torch.allclose(o, w) for o, w in zip(out, want))
+    assert [float(n) for n in compat.foreach_norm(out)] == pytest.approx([float(w.norm()) for w in want])
 
 
 def test_guard_flight_recorder(monkeypatch):
@@ -315,7 +333,7 @@ def test_fallback_trackio_foreach_and_last_lr(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="self_healing"):
         assert compat.set_trackio_next_step(object(), 10) is False
     assert any("_next_step" in r.getMessage() for r in caplog.records)
-    monkeypatch.delattr(torch, "_foreach_mul_")
+    monkeypatch.setattr(compat, "_FOREACH", False)  # a torch without the fused ops (decided at import)
     ts = [torch.ones(2)]
     compat.foreach_mul_(ts, 2.0)
     assert torch.equal(ts[0], torch.full((2,), 2.0))
