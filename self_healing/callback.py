@@ -22,6 +22,7 @@ from . import compat
 from .config import HealingConfig
 from .detectors import StepMonitor, StepSignals
 from .engine import Decision, Healer
+from .facade import forwarded
 from .hf_patches import GuardedCollator, SkippedBatch, TrainerPatches, free_memory, step_origin
 from .plugin_parts import PluginParts
 from .preemption import PreemptionAgreement
@@ -43,14 +44,6 @@ def trainer_kind(trainer: Any) -> str:
         if cls.__name__ in known:
             return cls.__name__
     return type(trainer).__name__
-
-
-def _owned_by(part: str, name: str) -> property:
-    """A callback attribute that belongs to one of its parts (`engine`, `patches`, ...): reads and
-    assignments go there, so the rest of the plugin (and users' code) keeps its old name."""
-    return property(lambda self: getattr(getattr(self, part), name),
-                    lambda self, v: setattr(getattr(self, part), name, v),
-                    doc=f"`{part}.{name}`")
 
 
 def _calling_trainer(callback: Any) -> Any:
@@ -92,25 +85,25 @@ class SelfHealingCallback(TrainerCallback):
         self._kind: str | None = None
 
     # the parts' state, under the names the rest of the plugin (and its users' code) reads
-    recorder = _owned_by("engine", "recorder")
-    policy = _owned_by("engine", "policy")
-    ring = _owned_by("engine", "ring")
-    monitor = _owned_by("engine", "monitor")
-    zclip = _owned_by("engine", "zclip")
-    observers = _owned_by("engine", "observers")
-    gave_up = _owned_by("engine", "gave_up")
-    give_up_reason = _owned_by("engine", "give_up_reason")
-    snapshot_interval = _owned_by("engine", "snapshot_interval")
-    passthrough = _owned_by("patches", "passthrough")  # during `dry_run` the wrappers only call through
-    phase = _owned_by("patches", "phase")  # "train", "eval" or "save": an OOM in eval keeps the batch size
-    streamed_data = _owned_by("patches", "streamed_data")  # a stream's bad batches cannot be skipped
-    monitors = _owned_by("parts", "monitors")
-    tracker = _owned_by("parts", "tracker")
-    journal = _owned_by("parts", "journal")
-    watchdog = _owned_by("parts", "watchdog")
-    early_warning = _owned_by("parts", "early_warning")
-    preempt_signal = _owned_by("preemption", "signal")
-    preempted_at = _owned_by("preemption", "at")
+    recorder = forwarded("engine", "recorder")
+    policy = forwarded("engine", "policy")
+    ring = forwarded("engine", "ring")
+    monitor = forwarded("engine", "monitor")
+    zclip = forwarded("engine", "zclip")
+    observers = forwarded("engine", "observers")
+    gave_up = forwarded("engine", "gave_up")
+    give_up_reason = forwarded("engine", "give_up_reason")
+    snapshot_interval = forwarded("engine", "snapshot_interval")
+    passthrough = forwarded("patches", "passthrough")  # during `dry_run` the wrappers only call through
+    phase = forwarded("patches", "phase")  # "train", "eval" or "save": an OOM in eval keeps the batch size
+    streamed_data = forwarded("patches", "streamed_data")  # a stream's bad batches cannot be skipped
+    monitors = forwarded("parts", "monitors")
+    tracker = forwarded("parts", "tracker")
+    journal = forwarded("parts", "journal")
+    watchdog = forwarded("parts", "watchdog")
+    early_warning = forwarded("parts", "early_warning")
+    preempt_signal = forwarded("preemption", "signal")
+    preempted_at = forwarded("preemption", "at")
     model = property(lambda self: self.trainer.model)
     optimizer = property(lambda self: self.trainer.optimizer)
     scheduler = property(lambda self: self.trainer.lr_scheduler)

@@ -62,6 +62,7 @@ import time
 from typing import Any
 
 from . import compat
+from .facade import forwarded
 from .goodput import GOODPUT_PARTS, PHASE_PART, STRAGGLER_FACTOR, STRAGGLER_MIN_SECONDS, STRAGGLER_WINDOW, Goodput, \
     Stragglers
 from .grace import PreemptionGrace, fast_state_info
@@ -81,12 +82,6 @@ _PHASE_PART, _rank_info, _ranks_behind = PHASE_PART, rank_info, ranks_behind
 _looks_like_peer_loss = looks_like_peer_loss
 _debugger_or_notebook, _flight_recorder, _flight_recorder_summary = (debugger_or_notebook, flight_recorder,
                                                                      flight_recorder_summary)
-
-
-def _part(part: str, name: str, doc: str) -> property:
-    """An attribute of the watchdog that lives on one of its parts (read and written there)."""
-    return property(lambda self: getattr(getattr(self, part), name),
-                    lambda self, value: setattr(getattr(self, part), name, value), doc=doc)
 
 
 class Watchdog:
@@ -120,18 +115,18 @@ class Watchdog:
     def phase(self) -> str:
         return self.clock.current[0]
 
-    where = _part("clock", "where", "Inside a train step: forward, backward or optimizer.")
-    started_wall = _part("clock", "started_wall", "This launch's start (time.time()).")
-    started_mono = _part("clock", "started_mono", "This launch's start (time.monotonic()).")
-    tripped = _part("hangs", "tripped", "The hang (or grace overrun) this process ends with.")
-    hang_warnings = _part("hangs", "hang_warnings", "Hangs reported with on_hang='warn'.")
-    hung_marker = _part("hangs", "hung_marker", "Written into the heartbeat file before a hang's exit.")
-    preempt_time = _part("preemption", "preempt_time", "time.monotonic() of the preemption signal.")
-    grace_estimate = _part("preemption", "grace_estimate", "The step's rest and a save, estimated at the signal.")
-    lost = _part("accounting", "lost", "Seconds of lost steps by cause.")
-    recompute_until = _part("accounting", "recompute_until", "Steps up to here redo the previous launch's.")
-    job_base = _part("accounting", "job_base", "The job's goodput before this launch.")
-    stragglers = _part("accounting", "stragglers", "The straggler detector.")
+    where = forwarded("clock", "where", "Inside a train step: forward, backward or optimizer.")
+    started_wall = forwarded("clock", "started_wall", "This launch's start (time.time()).")
+    started_mono = forwarded("clock", "started_mono", "This launch's start (time.monotonic()).")
+    tripped = forwarded("hangs", "tripped", "The hang (or grace overrun) this process ends with.")
+    hang_warnings = forwarded("hangs", "hang_warnings", "Hangs reported with on_hang='warn'.")
+    hung_marker = forwarded("hangs", "hung_marker", "Written into the heartbeat file before a hang's exit.")
+    preempt_time = forwarded("preemption", "preempt_time", "time.monotonic() of the preemption signal.")
+    grace_estimate = forwarded("preemption", "grace_estimate", "The step's rest and a save, estimated at the signal.")
+    lost = forwarded("accounting", "lost", "Seconds of lost steps by cause.")
+    recompute_until = forwarded("accounting", "recompute_until", "Steps up to here redo the previous launch's.")
+    job_base = forwarded("accounting", "job_base", "The job's goodput before this launch.")
+    stragglers = forwarded("accounting", "stragglers", "The straggler detector.")
 
     def bound(self, phase: str) -> float:
         return self.clock.bound(phase)
