@@ -69,7 +69,6 @@ logger = logging.getLogger("self_healing")
 
 STANDARDIZE = 50
 """Healthy scores whose median and MAD standardise the next one (`signals.Calibrator`)."""
-_UpdateUndo = UpdateUndo  # the name it had before it moved to `early_probe`
 
 
 def _several_processes() -> bool:

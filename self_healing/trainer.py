@@ -32,7 +32,6 @@ from .decider import BatchFacts, ExceptionFacts
 from .diagnosis import exception_origin
 from .distributed import RankFailure, recover_fsdp_iteration
 from .dry_run import DryRunReport, run_dry  # noqa: F401 - DryRunReport importable from here as before
-from .orchestration import RESUMABLE_EXITS as _RESUMABLE_EXITS  # noqa: F401 - importable from here as before
 from .orchestration import (apply_batch_change, apply_eval_batch_change, auto_resume_target, finish_preempted,
                             recover_killed_run)
 from .watchdog import PreemptedInEvaluation

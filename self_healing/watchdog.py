@@ -75,14 +75,6 @@ from .phases import HISTORY, IDLE, LONG_PHASES, PHASES, STEP_PHASES, WARMUP, Pha
 
 logger = logging.getLogger("self_healing")
 
-# the names this module had before its split, for code that imports them from here
-_STEP_PHASES, _LONG_PHASES, _WARMUP, _HISTORY, _IDLE = STEP_PHASES, LONG_PHASES, WARMUP, HISTORY, IDLE
-_HEARTBEAT_FILE_SECONDS, _REPORT_TIMEOUT, _PEER_WAIT_SECONDS = HEARTBEAT_FILE_SECONDS, REPORT_TIMEOUT, PEER_WAIT_SECONDS
-_PHASE_PART, _rank_info, _ranks_behind = PHASE_PART, rank_info, ranks_behind
-_looks_like_peer_loss = looks_like_peer_loss
-_debugger_or_notebook, _flight_recorder, _flight_recorder_summary = (debugger_or_notebook, flight_recorder,
-                                                                     flight_recorder_summary)
-
 
 class Watchdog:
     """One per `SelfHealingCallback` (per process). `beat(phase)` is the training thread's whole

@@ -205,9 +205,9 @@ def test_hang_settings_are_validated(bad):
 
 
 def test_hung_is_a_resumable_exit():
-    from self_healing.trainer import _RESUMABLE_EXITS
+    from self_healing.orchestration import RESUMABLE_EXITS
 
-    assert "hung" in _RESUMABLE_EXITS
+    assert "hung" in RESUMABLE_EXITS
 
 
 def test_a_long_ddp_timeout_is_warned_about(tmp_path, caplog):
@@ -293,11 +293,11 @@ def test_a_collective_that_fails_because_a_peer_hung_is_reported_as_that_hang(tm
 def test_exit_becomes_warn_under_a_debugger_or_in_a_notebook(monkeypatch):
     import threading
 
-    from self_healing.watchdog import _debugger_or_notebook
+    from self_healing.hangs import debugger_or_notebook
 
-    assert _debugger_or_notebook(threading.main_thread().ident) is None
+    assert debugger_or_notebook(threading.main_thread().ident) is None
     monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
-    assert "interactive" in _debugger_or_notebook(threading.main_thread().ident)
+    assert "interactive" in debugger_or_notebook(threading.main_thread().ident)
 
 
 def test_a_rank_persistently_slower_is_named_a_straggler(tmp_path):
