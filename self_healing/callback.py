@@ -72,7 +72,7 @@ class SelfHealingCallback(TrainerCallback):
     def __init__(self, config: HealingConfig | None = None) -> None:
         self.config = config or HealingConfig()
         self.trainer: Any = None
-        self.engine = Healer(config=self.config, objects=lambda: (self.model, self.optimizer, self.scheduler),
+        self.engine = Healer(config=self.config, objects=self.live_objects,
                              device=lambda: self.trainer.args.device)
         self.patches = TrainerPatches(self)
         self.parts = PluginParts()
@@ -104,6 +104,11 @@ class SelfHealingCallback(TrainerCallback):
     early_warning = forwarded("parts", "early_warning")
     preempt_signal = forwarded("preemption", "signal")
     preempted_at = forwarded("preemption", "at")
+    def live_objects(self) -> tuple[Any, Any, Any]:
+        """The trainer's (model, optimizer, scheduler) now: it creates and replaces them itself."""
+        t = self.trainer
+        return t.model, t.optimizer, t.lr_scheduler
+
     model = property(lambda self: self.trainer.model)
     optimizer = property(lambda self: self.trainer.optimizer)
     scheduler = property(lambda self: self.trainer.lr_scheduler)

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from .config import HealingConfig
 
 
-@dataclass
+@dataclass(slots=True)
 class StepSignals:
     """What the Trainer already computed for one optimizer step; no extra pass is needed."""
 
@@ -119,8 +119,9 @@ class LossSpikeDetector:
             return None
         return loss / m
 
-    def check(self, loss: float) -> Detection | None:
-        r = self.ratio(loss)
+    def check(self, loss: float, ratio: float | None = None) -> Detection | None:
+        """`ratio`: `self.ratio(loss)`, when the caller has it already."""
+        r = self.ratio(loss) if ratio is None else ratio
         if r is None or r <= self.factor:
             return None
         std = self.window.std
@@ -523,7 +524,7 @@ class StepMonitor:
             return out
         self.last_spike_ratio = self.spike.ratio(s.loss) if self.loss_signals else None
         if self.loss_signals:
-            d = self.spike.check(s.loss)
+            d = self.spike.check(s.loss, self.last_spike_ratio)
             if d:
                 d.step = s.step
                 out.append(d)

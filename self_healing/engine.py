@@ -100,6 +100,10 @@ class Healer:
     def scheduler(self) -> Any:
         return self._objects()[2] if self._objects is not None else self._scheduler
 
+    def live_objects(self) -> tuple[Any, Any, Any]:
+        """(model, optimizer, scheduler) in one read (a host's accessor builds all three anyway)."""
+        return self._objects() if self._objects is not None else (self._model, self._optimizer, self._scheduler)
+
     @property
     def device(self) -> torch.device:
         if self._device is not None:

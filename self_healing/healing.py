@@ -161,14 +161,17 @@ def scale_lr(optimizer: Any, scheduler: Any, factor: float) -> dict[str, Any]:
     return {"lr_before": before, "lr_after": [g["lr"] for g in opt.param_groups], "factor": factor}
 
 
-def scheduled_lrs(optimizer: Any, scheduler: Any) -> list[float] | None:
-    if scheduler is None or not hasattr(scheduler, "get_last_lr"):
+def scheduled_lrs(optimizer: Any, scheduler: Any, unwrapped: Any = None) -> list[float] | None:
+    """What the scheduler last set, one LR per param group (None: no scheduler, or it does not
+    match the optimizer). `unwrapped`: the torch optimizer inside `optimizer`, when known."""
+    get_last_lr = getattr(scheduler, "get_last_lr", None)
+    if get_last_lr is None:
         return None
     try:
-        lrs = [float(x) for x in scheduler.get_last_lr()]
+        lrs = [float(x) for x in get_last_lr()]
     except (AttributeError, RuntimeError, TypeError):
         return None
-    return lrs if len(lrs) == len(unwrap_optimizer(optimizer).param_groups) else None
+    return lrs if len(lrs) == len((unwrapped or unwrap_optimizer(optimizer)).param_groups) else None
 
 
 def restore_scheduled_lr(optimizer: Any, scheduler: Any, reference: list[float] | None = None) -> dict[str, Any]:

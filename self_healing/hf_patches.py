@@ -260,7 +260,7 @@ class TrainerPatches:
 
     def keep_grad_norm(self, out: Any) -> None:
         """The step's pre-clip norm (FSDP2's replicated DTensor as the plain value for the gather)."""
-        self.grad_norm = out.full_tensor() if hasattr(out, "full_tensor") else out
+        self.grad_norm = out if type(out) is torch.Tensor or not hasattr(out, "full_tensor") else out.full_tensor()
 
     def count_logged_step(self, loss: Any, failed: bool) -> None:
         """The judged step's loss joins this logging window (see `make_log`)."""
@@ -308,7 +308,7 @@ class TrainerPatches:
                         self.join_gradient_sync(orig, model, inputs, num_items_in_batch, exc)
                     return torch.zeros((), device=self.trainer.args.device)
             if isinstance(loss, torch.Tensor):
-                l = loss.detach()
+                l = loss.detach() if loss.requires_grad else loss  # the Trainer returns it detached
                 self.step_loss = l if self.step_loss is None else self.step_loss + l
             return loss
 

@@ -222,6 +222,8 @@ class _OptimizerReach:
         self.steps: dict[int, int] = {}
         self.betas: dict[int, Any] = {}
         self.peak: dict[int, float] = {}
+        self.sizes: dict[int, tuple[list, int, int]] = {}
+        """Per param group: (its params list, its length, its elements), for `elements`."""
         self.handle = None
         if self.known:
             ref = weakref.ref(self)
@@ -243,7 +245,7 @@ class _OptimizerReach:
                 if gi not in self.steps:  # resumed optimizers start at their saved step, not 1
                     self.steps[gi] = _saved_step(opt, group)
                 self.steps[gi] += 1
-                b, a = self.rule(self, opt, gi, group, ps)
+                b, a = self.rule(self, opt, gi, group, ps, self.elements(gi, group["params"], ps))
                 if b is None:
                     raise _Unknown
                 if isinstance(b, torch.Tensor):
@@ -263,6 +265,17 @@ class _OptimizerReach:
                 self.handle.remove()
                 self.handle = None
 
+
+    def elements(self, gi: int, params: list[torch.Tensor], ps: list[torch.Tensor]) -> int:
+        """How many elements the step updated (those of `ps`, the group's parameters with a
+        gradient). The usual case, every parameter has one, reads the group's size counted once
+        (a count per step was a Python call per parameter, every step)."""
+        if len(ps) != len(params):
+            return _count(ps)
+        cached = self.sizes.get(gi)
+        if cached is None or cached[0] is not params or cached[1] != len(params):
+            cached = self.sizes[gi] = (params, len(params), _count(params))
+        return cached[2]
 
     def add_device(self, value: torch.Tensor) -> None:
         acc = self.device_acc.get(value.device)
@@ -311,39 +324,47 @@ def _decay_growth(lr: float, wd: Any) -> float:
 
 
 def _adam_rule(bound_fn):
-    def rule(me: _OptimizerReach, opt: Any, gi: int, group: dict[str, Any], ps: list[torch.Tensor]):
-        lr = _scalar(group.get("lr"))
-        betas = group.get("betas")
-        if lr is None or not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            return None, 1.0
-        b1, b2 = _scalar(betas[0]), _scalar(betas[1])
-        if b1 is None or b2 is None:
-            return None, 1.0
-        if me.betas.setdefault(gi, (b1, b2)) != (b1, b2):
-            return None, 1.0  # betas changed during the run: the bound assumes constant ones
+    def rule(me: _OptimizerReach, opt: Any, gi: int, group: dict[str, Any], ps: list[torch.Tensor], n: int):
+        lr, betas, wd = group.get("lr"), group.get("betas"), group.get("weight_decay")
+        seen = me.betas.get(gi)
+        if type(lr) is float and type(betas) is tuple and betas == seen and type(wd) is float:
+            b1, b2 = seen  # every step of a usual run: plain floats, the betas as before
+            lr = abs(lr)
+            growth = max(1.0, abs(1.0 - lr * wd))  # _decay_growth, inline
+        else:
+            lr = _scalar(lr)
+            if lr is None or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                return None, 1.0
+            b1, b2 = _scalar(betas[0]), _scalar(betas[1])
+            if b1 is None or b2 is None:
+                return None, 1.0
+            if me.betas.setdefault(gi, (b1, b2)) != (b1, b2):
+                return None, 1.0  # betas changed during the run: the bound assumes constant ones
+            lr = abs(lr)
+            growth = _decay_growth(lr, wd)
         per = bound_fn(b1, b2, me.steps[gi])
         if not math.isfinite(per):
             return None, 1.0
-        return abs(lr) * per * math.sqrt(_count(ps)), _decay_growth(abs(lr), group.get("weight_decay"))
+        return lr * per * math.sqrt(n), growth
     return rule
 
 
-def _adagrad_rule(me, opt, gi, group, ps):
+def _adagrad_rule(me, opt, gi, group, ps, n):
     lr = _scalar(group.get("lr"))
     if lr is None or (_scalar(group.get("lr_decay")) or 0.0) < 0:
         return None, 1.0
-    return abs(lr) * math.sqrt(_count(ps)), 1.0  # |g| / sqrt(sum of g^2, g included) <= 1
+    return abs(lr) * math.sqrt(n), 1.0  # |g| / sqrt(sum of g^2, g included) <= 1
 
 
-def _rmsprop_rule(me, opt, gi, group, ps):
+def _rmsprop_rule(me, opt, gi, group, ps, n):
     lr, alpha, mom = _scalar(group.get("lr")), _scalar(group.get("alpha")), _scalar(group.get("momentum")) or 0.0
     if lr is None or alpha is None or group.get("centered") or not (0.0 <= alpha < 1.0) or not (0.0 <= mom < 1.0):
         return None, 1.0
     per = 1.0 / math.sqrt(1.0 - alpha) / (1.0 - mom)  # |g| / sqrt(v) <= 1/sqrt(1-alpha); momentum sums it
-    return abs(lr) * per * math.sqrt(_count(ps)), 1.0
+    return abs(lr) * per * math.sqrt(n), 1.0
 
 
-def _sgd_rule(me, opt, gi, group, ps):
+def _sgd_rule(me, opt, gi, group, ps, n):
     """w <- w - lr (g + wd w) without momentum; w <- w - lr buf with it; nesterov:
     w <- w - lr (g + wd w + mu buf). Bound: lr (||g|| + max(mu, 1) ||buf||), times |1 - lr wd|."""
     lr, mom = _scalar(group.get("lr")), _scalar(group.get("momentum")) or 0.0
@@ -374,7 +395,7 @@ def _device_norm(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(parts))
 
 
-def _adafactor_rule(me, opt, gi, group, ps):
+def _adafactor_rule(me, opt, gi, group, ps, n):
     """transformers' Adafactor: the update's RMS is clipped to `clip_threshold` per tensor, then
     multiplied by the LR: `lr` or, with `relative_step`, min(1e-2, ...) <= 1e-2; with
     `scale_parameter` also by max(eps2, RMS(p)) (multiplicative growth, no first moment)."""
@@ -383,7 +404,7 @@ def _adafactor_rule(me, opt, gi, group, ps):
     if clip is None or r is None or clip < 0:
         return None, 1.0
     r = abs(r)
-    n = math.sqrt(_count(ps))
+    n = math.sqrt(n)
     momentum = group.get("beta1") is not None
     if group.get("scale_parameter"):
         if momentum:

@@ -26,12 +26,26 @@ def _lr_ratio(lrs: list[float], reference: list[float] | None) -> float:
     return max(ratios, default=1.0)
 
 
+_EXACT_ON_HOST = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes whose `.item()` is exactly `.float().item()`: a host tensor of these is read directly."""
+
+
+def _host_scalar(x: Any) -> float | None:
+    """A host tensor's value without the detach/float/reshape copies (each ~1-10 us, per step);
+    None where that shortcut would not give the same number (device tensors, float64, not a scalar)."""
+    if type(x) is torch.Tensor and x.is_cpu and x.dtype in _EXACT_ON_HOST and x.dim() == 0:
+        return x.item()
+    return None
+
+
 class StepReader:
     """The facts of a `Healer`'s step (`healer`: its live objects, config, LR reference and the
     step's exception code; `rank_rows` is written back to it)."""
 
     def __init__(self, healer: Any) -> None:
         self.healer = healer
+        self._wrapped: Any = None
+        self._opt: Any = None
 
     def step_signals(self, step: int, loss: Any, grad_norm: Any, exception: BaseException | None = None,
                      extra: Iterable[float] | None = None) -> StepSignals:
@@ -39,9 +53,12 @@ class StepReader:
         tensors. Under torch.distributed every rank's (loss, norm, exception code, *extra) travel
         in one all_gather and every rank returns the same signals (`rank_rows` keeps the rows)."""
         h = self.healer
-        opt = unwrap_optimizer(h.optimizer)
+        _, raw, scheduler = h.live_objects()
+        if raw is not self._wrapped:  # the torch optimizer inside the loop's wrapper: unwrapped once per object
+            self._wrapped, self._opt = raw, unwrap_optimizer(raw)
+        opt = self._opt
         lrs = [g["lr"] for g in opt.param_groups]
-        reference = scheduled_lrs(h.optimizer, h.scheduler) or h.lr_reference
+        reference = scheduled_lrs(raw, scheduler, opt) or h.lr_reference
         if is_distributed():
             own = _lr_ratio(lrs, reference)  # travels last in the row: the extras keep their places
             loss_f, norm_f, exception = self.gathered(loss, grad_norm, exception, [*(extra or ()), own])
@@ -50,29 +67,37 @@ class StepReader:
                 lrs = [ref * worst for ref in reference]
         else:
             h.rank_rows = None
-            parts: list[torch.Tensor] = []
-            if isinstance(loss, torch.Tensor):
-                parts.append(loss.detach().float().reshape(()))
-            if isinstance(grad_norm, torch.Tensor):
-                parts.append(grad_norm.detach().float().reshape(()).to(parts[0].device if parts else grad_norm.device))
-            if all(t.device.type == "cpu" for t in parts):  # nothing to sync: skip the stack's allocation
-                values = [t.item() for t in parts]
-            else:
-                values = torch.stack(parts).tolist()  # the one host sync of the step
-            if isinstance(loss, torch.Tensor):
-                loss_f = values.pop(0)
-            elif isinstance(loss, (int, float)):
-                loss_f = float(loss)
-            else:
-                loss_f = float("nan") if exception is None else 0.0
-            if isinstance(grad_norm, torch.Tensor):
-                norm_f = values.pop(0)
-            elif isinstance(grad_norm, (int, float)):
-                norm_f = float(grad_norm)
-            else:
-                norm_f = None
+            loss_f, norm_f = _host_scalar(loss), _host_scalar(grad_norm)
+            if loss_f is None or (norm_f is None and grad_norm is not None):
+                loss_f, norm_f = self._synced(loss, grad_norm, exception)
         return StepSignals(step=step, loss=loss_f, grad_norm=norm_f, lrs=lrs, scheduled_lrs=reference,
                            exception=exception)
+
+    @staticmethod
+    def _synced(loss: Any, grad_norm: Any, exception: BaseException | None) -> tuple[float, float | None]:
+        """(loss, norm) as floats; device tensors reach the host together, in one sync."""
+        parts: list[torch.Tensor] = []
+        if isinstance(loss, torch.Tensor):
+            parts.append(loss.detach().float().reshape(()))
+        if isinstance(grad_norm, torch.Tensor):
+            parts.append(grad_norm.detach().float().reshape(()).to(parts[0].device if parts else grad_norm.device))
+        if all(t.device.type == "cpu" for t in parts):  # nothing to sync: skip the stack's allocation
+            values = [t.item() for t in parts]
+        else:
+            values = torch.stack(parts).tolist()  # the one host sync of the step
+        if isinstance(loss, torch.Tensor):
+            loss_f = values.pop(0)
+        elif isinstance(loss, (int, float)):
+            loss_f = float(loss)
+        else:
+            loss_f = float("nan") if exception is None else 0.0
+        if isinstance(grad_norm, torch.Tensor):
+            norm_f = values.pop(0)
+        elif isinstance(grad_norm, (int, float)):
+            norm_f = float(grad_norm)
+        else:
+            norm_f = None
+        return loss_f, norm_f
 
     def gathered(self, loss_t: Any, gn: Any, exception: BaseException | None,
                  extra: list[float]) -> tuple[float, float | None, BaseException | None]:

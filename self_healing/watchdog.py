@@ -264,11 +264,13 @@ class WatchdogHooks:
             if not compat.present(t, name):  # a Trainer internal every supported version has is warned about
                 return
 
+            clock, patches = wd.clock, cb.patches  # read directly: a batch fetch passes here every step
+
             def factory(orig):
                 def wrapped(*args, **kwargs):
-                    if wd.phase == IDLE or cb.passthrough:
+                    before = clock.current[0]
+                    if before == IDLE or patches.passthrough:
                         return orig(*args, **kwargs)
-                    before = wd.phase
                     wd.beat(phase)
                     for f in fresh:
                         wd.clock.forget(f)
@@ -280,7 +282,7 @@ class WatchdogHooks:
                             wd.beat(on_error)  # closes the step in progress first: its time is lost
                             wd.step_failed()
                         raise
-                    if wd.phase != IDLE and not keep:
+                    if not keep and clock.current[0] != IDLE:
                         wd.beat(after or before)
                     return out
 
