@@ -239,13 +239,25 @@ class _OptimizerReach:
         try:
             total, growth, dev = 0.0, 0.0, []
             for gi, group in enumerate(opt.param_groups):
-                ps = [p for p in group["params"] if p.grad is not None]
-                if not ps:
-                    continue
+                params = group["params"]
+                if self.rule is _sgd_rule:  # measures the step's gradients themselves
+                    ps = [p for p in params if p.grad is not None]
+                    if not ps:
+                        continue
+                    n = 0
+                else:
+                    # A per-element bound needs only how many elements moved, at most the group's:
+                    # a parameter without a gradient is not moved, so counting it only loosens the
+                    # bound (never a false alarm), and the group's size is counted once, not a
+                    # Python call per parameter every step. The group stepped if one parameter
+                    # has a gradient (the first, almost always).
+                    if not any(p.grad is not None for p in params):
+                        continue
+                    ps, n = params, self.elements(gi, params)
                 if gi not in self.steps:  # resumed optimizers start at their saved step, not 1
                     self.steps[gi] = _saved_step(opt, group)
                 self.steps[gi] += 1
-                b, a = self.rule(self, opt, gi, group, ps, self.elements(gi, group["params"], ps))
+                b, a = self.rule(self, opt, gi, group, ps, n)
                 if b is None:
                     raise _Unknown
                 if isinstance(b, torch.Tensor):
@@ -266,12 +278,8 @@ class _OptimizerReach:
                 self.handle = None
 
 
-    def elements(self, gi: int, params: list[torch.Tensor], ps: list[torch.Tensor]) -> int:
-        """How many elements the step updated (those of `ps`, the group's parameters with a
-        gradient). The usual case, every parameter has one, reads the group's size counted once
-        (a count per step was a Python call per parameter, every step)."""
-        if len(ps) != len(params):
-            return _count(ps)
+    def elements(self, gi: int, params: list[torch.Tensor]) -> int:
+        """The elements of param group `gi` (`params`), counted once per list."""
         cached = self.sizes.get(gi)
         if cached is None or cached[0] is not params or cached[1] != len(params):
             cached = self.sizes[gi] = (params, len(params), _count(params))
