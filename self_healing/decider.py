@@ -190,6 +190,27 @@ class Decider:
 
     def __init__(self, healer: Any) -> None:
         self.healer = healer
+        self.suspect: tuple[int, float] | None = None
+        """A loss-confirmed blow-up seen at this check (step, smoothed loss), not acted on yet."""
+
+    def confirm_state(self, bad: Detection | None, step: int) -> Detection | None:
+        """A state verdict to act on now, or None. A loss-confirmed blow-up (weights grown past
+        `weight_growth_factor` x while the smoothed loss rose) waits for the next check: an LR
+        that wrecks the model keeps the loss climbing, while small initial weights that grow fast
+        as a batch-size-1 model starts to fit bump the loss up and bring it down again (seen on
+        transformers' own `test_gradient_checkpointing` model, rolled back and LR-cut when healthy).
+        Meanwhile the state is `suspect`: no snapshot, no new reference."""
+        if bad is None or not bad.evidence.get("loss_confirmed"):
+            self.suspect = None
+            return bad
+        seen, self.suspect = self.suspect, None
+        if seen is None:
+            self.suspect = (step, float(bad.evidence["smoothed_loss"]))
+            return None
+        if bad.evidence["smoothed_loss"] > seen[1]:  # still climbing since the first sighting
+            bad.evidence.update(first_seen_step=seen[0], first_seen_loss=seen[1])
+            return bad
+        return None  # the loss came back down: a bump on the way, not a blow-up
 
     def decide(self, detections: list[Detection], step: int, exception: BaseException | None = None) -> tuple[Diagnosis, Any]:
         """Diagnose the first detection (with the state's integrity verdict when the step's

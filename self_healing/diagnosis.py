@@ -215,7 +215,10 @@ def diagnose_state(state: Detection, trigger: Detection | None = None) -> Diagno
         return _make(FailureKind.DIVERGENCE,
                      f"global weight norm grew {_fmt(e.get('ratio'))}x in {e.get('steps_apart')} steps (to "
                      f"{_fmt(e.get('weight_norm'))}) while the smoothed loss rose to {_fmt(e.get('smoothed_loss'))} from "
-                     f"{_fmt(e.get('reference_loss'))}: the optimizer's own updates are wrecking the model (the LR is too "
+                     f"{_fmt(e.get('reference_loss'))}"
+                     + (f", still rising since step {e['first_seen_step']} ({_fmt(e.get('first_seen_loss'))})"
+                        if "first_seen_step" in e else "")
+                     + f": the optimizer's own updates are wrecking the model (the LR is too "
                      f"high) at step {step}: rolled back and the LR reduced", e, [Action.ROLLBACK, Action.REDUCE_LR], step)
     if state.signal == "weight_corruption":
         if e.get("finite") is False:

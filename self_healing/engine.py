@@ -119,6 +119,7 @@ class Healer:
         self.monitor = StepMonitor(self.config, loss_signals=self.loss_signals)
         self.gave_up = False
         self.give_up_reason: str | None = None
+        self.decider.suspect = None
         self.ref_report: StateReport | None = None
         """The last state report found sound: what the next integrity check is compared with."""
         self.step_flagged = False
@@ -214,8 +215,11 @@ class Healer:
         snap_due = step % self.snapshot_interval == 0
         if check_due or snap_due:
             report, bad = self.check_state(step)
+            bad = self.decider.confirm_state(bad, step)
             if bad is not None:
                 return self.handle([bad], step, before_update=False)
+            if self.decider.suspect is not None:
+                return None  # a blow-up to confirm at the next check: this state is no reference or snapshot
             self.ref_report = report
             if snap_due and not self.step_flagged:
                 self.capture(step, report)

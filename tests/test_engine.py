@@ -91,6 +91,39 @@ def test_corrupted_weights_found_after_the_update_roll_back_in_place():
     assert d.rolled_back_to == 5 and all(torch.equal(a, b) for a, b in zip(at_5, _weights(model)))
 
 
+def test_a_loss_confirmed_blowup_is_acted_on_only_when_the_next_check_confirms_it(monkeypatch):
+    """Weights grown 10x while the smoothed loss rose: an LR wrecking the model keeps the loss
+    climbing at the next check (then rollback + LR cut); small weights growing while a batch-size-1
+    model starts to fit bump the loss and bring it down (then nothing, and the state becomes the
+    reference). Until the next check the state is suspect: no snapshot, no new reference."""
+    healer, model, opt = _setup()
+    for s in range(1, 6):
+        _step(healer, model, opt, s)
+    real = healer.check_state
+
+    def verdicts(script):
+        def check_state(step, agreed=True):
+            report, _ = real(step, agreed)
+            loss = script.get(step)
+            bad = None if loss is None else Detection("weight_corruption", step, {
+                "weight_norm": 50.0, "reference_weight_norm": 1.0, "ratio": 50.0, "factor": 10.0,
+                "smoothed_loss": loss, "reference_loss": 1.0, "loss_confirmed": True})
+            return report, bad
+        monkeypatch.setattr(healer, "check_state", check_state)
+
+    verdicts({10: 8.0, 15: 4.0, 20: 8.0, 25: 12.0})
+    ref_5 = healer.ref_report
+    assert healer.end_step(10) is None and healer.decider.suspect == (10, 8.0)
+    assert healer.ref_report is ref_5 and healer.ring.latest.step == 5  # suspect: no reference, no snapshot
+    assert healer.end_step(15) is None and healer.decider.suspect is None  # it came down: a bump
+    assert healer.ref_report.step == 15 and healer.ring.latest.step == 15
+    assert healer.end_step(20) is None
+    d = healer.end_step(25)  # still climbing: the LR
+    assert d is not None and d.failure == FailureKind.DIVERGENCE and d.rolled_back_to is not None
+    assert [a.value for a in d.actions] == ["rollback", "reduce_lr"]
+    assert d.diagnosis.evidence["first_seen_step"] == 20 and healer.decider.suspect is None
+
+
 def test_an_lr_set_far_above_the_reference_is_put_back():
     healer, model, opt = _setup(lr=1e-3)
     healer.lr_reference = [1e-3]

@@ -287,10 +287,6 @@ def _chain_run(mode: str | None, out_dir: str) -> tuple[Trainer, SelfHealingCall
     return trainer, (cbs[0] if cbs else None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (issue 13 notes): the loss-confirmed blow-up rule (weight norm x weight_growth_factor within one "
-    "check interval while the smoothed loss rose 25%) keeps the too-high-LR heal of test_orchestrator, but "
-    "also fires on small N(0, 0.02) weights growing fast at lr 0.1 whose loss bumps up before it falls"))
 @pytest.mark.parametrize("mode", MODES)
 def test_small_initial_weights_growing_fast_are_not_divergence(tmp_path, mode):
     """Seen on transformers' `test_gradient_checkpointing` model (N(0, 0.02) init, lr 0.1, batch size 1):
