@@ -53,7 +53,12 @@ def test_grad_norm_threshold_and_zscore():
     for x in [1.0, 1.2, 0.9, 1.1, 1.0, 1.05]:
         g.accept(x)
     assert g.check(3.0) is None              # z large, but only 3x the mean
-    hit = g.check(50.0)
+    assert g.check(50.0) is None             # 6 of 50 norms seen: the ratio asked is 5x larger
+    hit = g.check(80.0)                      # (under the absolute threshold of 100)
+    assert hit and hit.evidence["ratio"] > 50
+    for _ in range(44):
+        g.accept(1.0)
+    hit = g.check(50.0)                      # a full window: 10x its mean and its largest
     assert hit and hit.evidence["ratio"] > 10
 
 
