@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         cb = sh.callback
         timed(cb, "on_step_begin", "callback.on_step_begin")
         timed(cb, "on_pre_optimizer_step", "callback.on_pre_optimizer_step")
-        timed(cb, "_signals", "  _signals (the step's one host sync)")
+        timed(cb.preemption, "step_signals", "  step_signals (the step's one host sync)")  # what the callback calls
         timed(cb, "on_step_end", "callback.on_step_end")
         timed(cb.engine, "check_state", "  check_state (integrity pass)")
         timed(cb.engine, "capture", "  capture (snapshot)")
