@@ -104,6 +104,7 @@ class SelfHealingCallback(TrainerCallback):
     early_warning = forwarded("parts", "early_warning")
     preempt_signal = forwarded("preemption", "signal")
     preempted_at = forwarded("preemption", "at")
+
     def live_objects(self) -> tuple[Any, Any, Any]:
         """The trainer's (model, optimizer, scheduler) now: it creates and replaces them itself."""
         t = self.trainer

@@ -90,15 +90,15 @@ class Healer:
     # ------------------------------------------------------------------------------------------
     @property
     def model(self) -> Any:
-        return self._objects()[0] if self._objects is not None else self._model
+        return self.live_objects()[0]
 
     @property
     def optimizer(self) -> Any:
-        return self._objects()[1] if self._objects is not None else self._optimizer
+        return self.live_objects()[1]
 
     @property
     def scheduler(self) -> Any:
-        return self._objects()[2] if self._objects is not None else self._scheduler
+        return self.live_objects()[2]
 
     def live_objects(self) -> tuple[Any, Any, Any]:
         """(model, optimizer, scheduler) in one read (a host's accessor builds all three anyway)."""

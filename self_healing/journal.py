@@ -315,12 +315,11 @@ class CrashJournal:
         step = int(step)
         if type(loss) is float and type(grad_norm) is float and type(lr) is float \
                 and loss - loss == 0.0 and grad_norm - grad_norm == 0.0 and lr - lr == 0.0:  # all finite: the usual step
-            line = f'{{"kind":"progress","step":{step},"time":{t!r},"loss":{loss!r},"grad_norm":{grad_norm!r},"lr":{lr!r}'
-            rec = {"kind": "progress", "step": step, "time": t, "loss": loss, "grad_norm": grad_norm, "lr": lr}
+            (lt, lv), (gt, gv), (rt, rv) = (repr(loss), loss), (repr(grad_norm), grad_norm), (repr(lr), lr)
         else:
             (lt, lv), (gt, gv), (rt, rv) = _num(loss), _num(grad_norm), _num(lr)
-            line = f'{{"kind":"progress","step":{step},"time":{t!r},"loss":{lt},"grad_norm":{gt},"lr":{rt}'
-            rec = {"kind": "progress", "step": step, "time": t, "loss": lv, "grad_norm": gv, "lr": rv}
+        line = f'{{"kind":"progress","step":{step},"time":{t!r},"loss":{lt},"grad_norm":{gt},"lr":{rt}'
+        rec = {"kind": "progress", "step": step, "time": t, "loss": lv, "grad_norm": gv, "lr": rv}
         if skipped:
             line += ',"skipped":true'
             rec["skipped"] = True

@@ -240,24 +240,17 @@ class _OptimizerReach:
             total, growth, dev = 0.0, 0.0, []
             for gi, group in enumerate(opt.param_groups):
                 params = group["params"]
-                if self.rule is _sgd_rule:  # measures the step's gradients themselves
-                    ps = [p for p in params if p.grad is not None]
-                    if not ps:
-                        continue
-                    n = 0
-                else:
-                    # A per-element bound needs only how many elements moved, at most the group's:
-                    # a parameter without a gradient is not moved, so counting it only loosens the
-                    # bound (never a false alarm), and the group's size is counted once, not a
-                    # Python call per parameter every step. The group stepped if one parameter
-                    # has a gradient (the first, almost always).
-                    if not any(p.grad is not None for p in params):
-                        continue
-                    ps, n = params, self.elements(gi, params)
+                # The group stepped if one parameter has a gradient (the first, almost always). A
+                # per-element bound needs only how many elements moved, at most the group's: a
+                # parameter without a gradient is not moved, so counting it only loosens the bound
+                # (never a false alarm), and the group's size is counted once, not a Python call
+                # per parameter every step. A rule that reads the gradients picks its own.
+                if not any(p.grad is not None for p in params):
+                    continue
                 if gi not in self.steps:  # resumed optimizers start at their saved step, not 1
                     self.steps[gi] = _saved_step(opt, group)
                 self.steps[gi] += 1
-                b, a = self.rule(self, opt, gi, group, ps, n)
+                b, a = self.rule(self, opt, gi, group, params, self.elements(gi, params))
                 if b is None:
                     raise _Unknown
                 if isinstance(b, torch.Tensor):
@@ -276,7 +269,6 @@ class _OptimizerReach:
             if self.handle is not None:
                 self.handle.remove()
                 self.handle = None
-
 
     def elements(self, gi: int, params: list[torch.Tensor]) -> int:
         """The elements of param group `gi` (`params`), counted once per list."""
@@ -337,8 +329,6 @@ def _adam_rule(bound_fn):
         seen = me.betas.get(gi)
         if type(lr) is float and type(betas) is tuple and betas == seen and type(wd) is float:
             b1, b2 = seen  # every step of a usual run: plain floats, the betas as before
-            lr = abs(lr)
-            growth = max(1.0, abs(1.0 - lr * wd))  # _decay_growth, inline
         else:
             lr = _scalar(lr)
             if lr is None or not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -348,12 +338,11 @@ def _adam_rule(bound_fn):
                 return None, 1.0
             if me.betas.setdefault(gi, (b1, b2)) != (b1, b2):
                 return None, 1.0  # betas changed during the run: the bound assumes constant ones
-            lr = abs(lr)
-            growth = _decay_growth(lr, wd)
         per = bound_fn(b1, b2, me.steps[gi])
         if not math.isfinite(per):
             return None, 1.0
-        return lr * per * math.sqrt(n), growth
+        lr = abs(lr)
+        return lr * per * math.sqrt(n), _decay_growth(lr, wd)
     return rule
 
 
@@ -378,6 +367,7 @@ def _sgd_rule(me, opt, gi, group, ps, n):
     lr, mom = _scalar(group.get("lr")), _scalar(group.get("momentum")) or 0.0
     if lr is None or mom < 0:
         return None, 1.0
+    ps = [p for p in ps if p.grad is not None]  # the parameters this step moved
     grads = [local_tensor(p.grad).detach() for p in ps]
     terms = []
     if mom == 0 or group.get("nesterov"):

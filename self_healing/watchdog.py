@@ -273,7 +273,7 @@ class WatchdogHooks:
                         return orig(*args, **kwargs)
                     wd.beat(phase)
                     for f in fresh:
-                        wd.clock.forget(f)
+                        clock.forget(f)
                     try:
                         out = orig(*args, **kwargs)
                     except BaseException as exc:
