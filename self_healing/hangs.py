@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .compat import TRAINING_FRAME_FILES, TRAINING_FRAMES, flight_recorder
+from .io import atomic_write_text
 from .phases import IDLE, PhaseClock, rank_info
 
 
@@ -89,6 +90,9 @@ class HangDetector:
         self.hung_marker: dict[str, Any] | None = None
         """Set when this process ends as hung: written into its heartbeat file before the exit, so
         the ranks whose collectives then fail on the closed connection know why."""
+        self._heartbeat_lock = threading.Lock()
+        """One heartbeat write at a time, its line built inside: a periodic write in flight (a slow
+        fsync) can never land after the hang report's and erase `hung` before the exit."""
 
     def reset(self) -> None:
         """A fresh `train()`, possibly in a thread of its own."""
@@ -119,16 +123,15 @@ class HangDetector:
         t = getattr(self.cb, "trainer", None)
         if t is None:
             return
-        from .io import atomic_write_text
-
-        r, world = rank_info(t)
-        phase, since, step = self.clock.current
-        data = {"rank": r, "world_size": world, "pid": os.getpid(), "host": socket.gethostname(), "step": step,
-                "phase": phase, "where": self.clock.where, "phase_seconds": round(time.monotonic() - since, 3),
-                "time": time.time(),
-                "run_id": self.cb.recorder.extra.get("run_id"), "hung": self.hung_marker,
-                "goodput": self._goodput() if r == 0 else None}
-        atomic_write_text(heartbeat_path(t.args.output_dir, r), json.dumps(data, default=str))
+        with self._heartbeat_lock:
+            r, world = rank_info(t)
+            phase, since, step = self.clock.current
+            data = {"rank": r, "world_size": world, "pid": os.getpid(), "host": socket.gethostname(), "step": step,
+                    "phase": phase, "where": self.clock.where, "phase_seconds": round(time.monotonic() - since, 3),
+                    "time": time.time(),
+                    "run_id": self.cb.recorder.extra.get("run_id"), "hung": self.hung_marker,
+                    "goodput": self._goodput() if r == 0 else None}
+            atomic_write_text(heartbeat_path(t.args.output_dir, r), json.dumps(data, default=str))
 
     # --- a hang ---------------------------------------------------------------------------------------
     def on_hang(self, beat: tuple[str, float, int], waited: float, bound: float,

@@ -217,11 +217,19 @@ class SelfHealingTrainer:
                 signal.signal(sig, old)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.callback.preempt_signal is None:
-            logger.warning("self-healing: %s received; stopping after the current step", signal.Signals(signum).name)
+        """Runs in the training thread between two of its bytecodes, wherever it was: it only sets
+        flags, and nothing it does may raise there (a log line written while that thread was itself
+        writing to stderr is a "reentrant call" RuntimeError, which would land in a postmortem write)."""
+        first = self.callback.preempt_signal is None
         self.callback.preempt_signal = signum
         if self.callback.watchdog is not None:  # the grace (preemption_grace_seconds) starts now
             self.callback.watchdog.watchdog.on_preempt_signal()
+        if first:
+            try:
+                logger.warning("self-healing: %s received; stopping after the current step",
+                               signal.Signals(signum).name)
+            except Exception:  # noqa: BLE001 - the flags above are what matters
+                pass
 
     def _finish_preempted(self, result: Any) -> Any:
         self.postmortem = finish_preempted(self.callback, self.trainer, self.config)

@@ -17,6 +17,7 @@ from self_healing import HealingConfig, SelfHealingTrainer
 from self_healing.checkpoints import verify_checkpoint
 from self_healing.postmortem import format_postmortem, load_postmortem
 from self_healing.tiny import build_trainer, sft_dataset
+from self_healing.hangs import read_heartbeats
 from self_healing.watchdog import HANG_EXIT_CODE, Watchdog
 
 SCRIPT = Path(__file__).parent / "scripts" / "hang_run.py"
@@ -281,13 +282,73 @@ def test_a_collective_that_fails_because_a_peer_hung_is_reported_as_that_hang(tm
     p = _torchrun(out, "race")
     assert p.returncode != 0 and "DONE" not in p.stdout, p.stderr[-3000:]
     pm = load_postmortem(out)
+    assert pm["exit_reason"] == "hung" and "hang" in pm, (pm["exit_reason"], pm.get("exception"), p.stderr[-3000:])
     hang = pm["hang"]
-    assert pm["exit_reason"] == "hung", pm.get("exception")
     assert hang["rank"] == 0 and hang["step"] == 30 and hang["hung_peers"] == [1] and hang["ranks_behind"] == ["1"]
     assert "Connection closed" in hang["error"] or "gloo" in hang["error"]
     assert hang["summary"].startswith("rank(s) 1 hung (train_step at step 30)")
     assert hang["seconds_waited"] < 60  # rank 0's own bound (120 s) never came into it
     assert p.stderr.count("exitcode  : 75 ") == 2
+
+
+def test_a_periodic_heartbeat_in_flight_never_overwrites_the_hung_one(tmp_path, monkeypatch):
+    """The heartbeat thread builds its line, then the hang report writes `hung` and exits; the
+    periodic write's slow fsync must not land last and erase it (CI saw a peer then read no hang and
+    write an 'exception' postmortem: the race of the torchrun test below)."""
+    import threading
+
+    from self_healing import hangs as hangs_mod
+
+    tr = build_trainer("trainer", output_dir=str(tmp_path / "run"), max_steps=2)
+    sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5))
+    det = sh.callback.watchdog.watchdog.hangs
+    real, in_write, release = hangs_mod.atomic_write_text, threading.Event(), threading.Event()
+
+    def slow_first(path, text):
+        if threading.current_thread().name == "periodic":
+            in_write.set()
+            release.wait(5)
+        real(path, text)
+
+    monkeypatch.setattr(hangs_mod, "atomic_write_text", slow_first)
+    periodic = threading.Thread(target=det.write_heartbeat, name="periodic")
+    periodic.start()
+    assert in_write.wait(5)
+    done = threading.Event()
+
+    def report():  # the hang report: marker, then its own heartbeat write
+        det.hung_marker = {"phase": "train_step", "step": 30, "summary": "stuck"}
+        det.write_heartbeat()
+        done.set()
+
+    threading.Thread(target=report).start()
+    time.sleep(0.2)
+    release.set()
+    periodic.join(5)
+    assert done.wait(5)
+    (hb,) = read_heartbeats(tr.args.output_dir).values()
+    assert hb["hung"] == {"phase": "train_step", "step": 30, "summary": "stuck"}
+
+
+def test_the_signal_handler_never_raises_into_the_training_thread(tmp_path):
+    """A log handler that fails inside the signal handler (stderr's "reentrant call") must not
+    raise wherever the training thread was (a hang postmortem being written); the flags still land."""
+    import logging
+
+    class Failing(logging.Handler):
+        def emit(self, record):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+    tr = build_trainer("trainer", output_dir=str(tmp_path / "run"), max_steps=2)
+    sh = SelfHealingTrainer(tr, HealingConfig(snapshot_every_steps=5))
+    log, h = logging.getLogger("self_healing"), Failing()
+    log.addHandler(h)
+    try:
+        sh._on_signal(signal.SIGTERM, None)
+    finally:
+        log.removeHandler(h)
+    assert sh.callback.preempt_signal == signal.SIGTERM
+    assert sh.callback.watchdog.watchdog.preemption.preempt_time is not None
 
 
 def test_exit_becomes_warn_under_a_debugger_or_in_a_notebook(monkeypatch):
