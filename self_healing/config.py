@@ -354,12 +354,16 @@ def _field_set(cls: type) -> frozenset[str]:
     return names
 
 
+NAME_REPR = 240
+"""An unknown field's name is shown whole up to this many characters of its repr."""
+
+
 def _unknown_field_message(name: Any, cls: type = HealingConfig) -> str:
     """The one message for an unknown field, wherever it comes from (keyword, assignment, mapping,
     YAML): the name, and the closest field, else every accepted one."""
     known = sorted(_field_set(cls))
     close = difflib.get_close_matches(str(name), known, n=1)
-    return f"unknown HealingConfig field {short_repr(name)}: " + (
+    return f"unknown HealingConfig field {short_repr(name, NAME_REPR)}: " + (
         f"did you mean {close[0]!r}?" if close else f"accepted fields: {', '.join(known)}")
 
 
@@ -378,7 +382,7 @@ def _checked_init(self: HealingConfig, *args: Any, **kwargs: Any) -> None:
         parts = []
         for k in unknown[:10]:
             close = difflib.get_close_matches(str(k), sorted(known), n=1)
-            parts.append(f"{short_repr(k)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            parts.append(f"{short_repr(k, NAME_REPR)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
         raise ValueError(f"unknown HealingConfig fields {', '.join(parts)}{more}; "
                          f"accepted fields: {', '.join(sorted(known))}")

@@ -35,13 +35,15 @@ def is_finite_number(v: Any) -> bool:
         return False
 
 
-def short_repr(v: Any) -> str:
+def short_repr(v: Any, maxstring: int = 60) -> str:
     """repr of a value for an error message: bounded in size and depth (a YAML alias bomb, a
-    5000-digit integer or a megabyte string must not become the message)."""
+    5000-digit integer or a megabyte string must not become the message). A field name gets a
+    longer bound: it is what the user must find in their file (12 non-Latin characters are a
+    repr of 122)."""
     import reprlib
 
     r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlong, r.maxlevel = 60, 60, 40, 3
+    r.maxstring, r.maxother, r.maxlong, r.maxlevel = maxstring, 60, 40, 3
     r.maxlist = r.maxtuple = r.maxdict = r.maxset = 6
     try:
         return r.repr(v)
