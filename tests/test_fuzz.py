@@ -1,7 +1,8 @@
 """Fuzzed inputs (hypothesis): HealingConfig fields, YAML presets and postmortem files read by the
 CLI. Whatever goes in, the answer is a value or a `ValueError` whose message names the field (or
 the file and why) -- never another exception from deep inside, never a hang. Example counts are
-bounded for CI (200 per property; FUZZ_EXAMPLES=5000 for a longer hunt); each example has a deadline."""
+bounded for CI (200 per property, the same ones each run; FUZZ_EXAMPLES=5000 for a longer hunt with
+fresh examples); each example has a deadline."""
 import dataclasses
 import json
 import math
@@ -19,6 +20,7 @@ from self_healing.postmortem import format_postmortem, headline, load_postmortem
 
 FIELDS = HealingConfig.field_names()
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None,
+                derandomize="FUZZ_EXAMPLES" not in os.environ,  # CI: the same examples each run; a hunt: new ones
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 LOADED_BOUND_S = 60.0
