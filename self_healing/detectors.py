@@ -303,25 +303,37 @@ def check_lr(lrs: Iterable[float], scheduled: Iterable[float] | None, factor: fl
 REACH_KEY = "self_healing:update_reach"
 GROWTH_KEY = "self_healing:update_log_growth"
 EPOCH_KEY = "self_healing:update_epoch"
+FIRST_LOSSES = 3
+"""Where a run started is the median of its first this many healthy losses. One loss alone can be an
+outlier at batch size 1 (a squared error of 0.096 where the typical one was ~8 made a healthy run's
+climb back to its typical loss look like a blow-up); a mean of several lets an LR that blows up
+within them raise the reference, the median of three does not."""
 LOSS_KEY = "self_healing:smoothed_loss"
 FIRST_LOSS_KEY = "self_healing:first_loss"
+LOSS_SCATTER_KEY = "self_healing:loss_scatter"
 """Entries of `StateReport.optimizer_norms` that are not optimizer state: the process's update
 odometers (`snapshot.UpdateReach`) and the run's smoothed and first healthy loss (from this
 thread's `StepMonitor`) when the report was taken. They travel with the optimizer norms wherever
 those go (the distributed gather in the callback sends every key with its reference)."""
-PSEUDO_KEYS = (REACH_KEY, GROWTH_KEY, EPOCH_KEY, LOSS_KEY, FIRST_LOSS_KEY)
+PSEUDO_KEYS = (REACH_KEY, GROWTH_KEY, EPOCH_KEY, LOSS_KEY, FIRST_LOSS_KEY, LOSS_SCATTER_KEY)
+LOSS_SCATTER_Z = 2.0
+"""A loss-confirmed blow-up needs its loss rise, in log, above this many times the loss's own
+step-to-step scatter (mean |change of log loss|): a batch-size-1 squared error scatters by ~2 in log
+from one step to the next (chi-square), so its smoothed value tripling is noise, while a token-mean
+loss scatters by a few hundredths until an LR blows it up (0.33 over the steps of the blow-up
+itself, whose rise is 0.78 by the first check)."""
 
 _MONITORS: "weakref.WeakValueDictionary[int, StepMonitor]" = weakref.WeakValueDictionary()
 """The newest `StepMonitor` of each thread (a run's callback, its steps and its state checks all
 run in the training thread): `state_report` takes the loss side of the evidence from it."""
 
 
-def current_losses() -> tuple[float | None, float | None]:
-    """(smoothed loss, first healthy loss) of this thread's newest StepMonitor, if any."""
+def current_losses() -> tuple[float | None, float | None, float | None]:
+    """(smoothed loss, first healthy loss, log scatter) of this thread's newest StepMonitor, if any."""
     m = _MONITORS.get(threading.get_ident())
     if m is None or not m.loss_signals:
-        return None, None
-    return m.loss_ema, m.first_loss
+        return None, None, None
+    return m.loss_ema, m.first_loss, m.loss_scatter
 
 
 @dataclass
@@ -482,11 +494,14 @@ def _loss_confirmed_blowup(report: StateReport, reference: StateReport, growth_f
     before = then if then is not None else start
     if loss is None or before is None or not (ref_w > 0 and before > 0):
         return None
+    scatter = report.optimizer_norms.get(LOSS_SCATTER_KEY)
+    if scatter is not None and loss > 0 and math.log(loss / before) <= LOSS_SCATTER_Z * scatter:
+        return None  # a rise the loss's own scatter explains
     if w > growth_factor * ref_w and loss > (1 + loss_margin) * before:
         return Detection("weight_corruption", report.step, {
             "weight_norm": w, "reference_weight_norm": ref_w, "ratio": w / ref_w, "factor": growth_factor,
             "steps_apart": max(report.step - reference.step, 0), "smoothed_loss": loss, "reference_loss": before,
-            "loss_confirmed": True})
+            "loss_scatter": scatter, "loss_confirmed": True})
     return None
 
 
@@ -511,6 +526,8 @@ class StepMonitor:
         """The first healthy loss (a mean of several was tried: a run blown up by its LR climbs within
         them, and its second blow-up after the rollback went unseen)."""
         self._first_losses: list[float] = []
+        self._scatter = (0.0, 0, None)
+        """(EMA 0.9 of |change of log loss|, changes seen, last log loss): see `loss_scatter`."""
         _MONITORS[threading.get_ident()] = self
 
     def check(self, s: StepSignals) -> list[Detection]:
@@ -552,9 +569,13 @@ class StepMonitor:
             return None
         self.spike.accept(s.loss)
         self.loss_ema = s.loss if self.loss_ema is None else 0.7 * self.loss_ema + 0.3 * s.loss
-        if len(self._first_losses) < 1:  # where the run started: its first healthy loss
+        if s.loss > 0:
+            m, n, last = self._scatter
+            cur = math.log(s.loss)
+            self._scatter = (m, n, cur) if last is None else (0.9 * m + 0.1 * abs(cur - last), n + 1, cur)
+        if len(self._first_losses) < FIRST_LOSSES:  # where the run started: the median of its first losses
             self._first_losses.append(s.loss)
-            self.first_loss = sum(self._first_losses) / len(self._first_losses)
+            self.first_loss = sorted(self._first_losses)[(len(self._first_losses) - 1) // 2]
         lrs = s.scheduled_lrs if s.scheduled_lrs else s.lrs
         finite = [float(x) for x in lrs if is_finite(float(x))] if lrs else []
         self.divergence.observe_lr(max(finite) if finite else None)
@@ -563,6 +584,12 @@ class StepMonitor:
             d.step = s.step
         return d
 
+    @property
+    def loss_scatter(self) -> float | None:
+        """The healthy loss's step-to-step scatter in log (bias-corrected EMA); None before two losses."""
+        m, n, _ = self._scatter
+        return m / (1.0 - 0.9 ** n) if n else None
+
     def reset_trend(self) -> None:
         """After a rollback or LR change the old trend no longer describes the run."""
         self.divergence.reset()
@@ -570,12 +597,16 @@ class StepMonitor:
     def state_dict(self) -> dict:
         return {"spike": self.spike.state_dict(), "grad": self.grad.state_dict(),
                 "divergence": self.divergence.state_dict(), "loss_ema": self.loss_ema, "first_loss": self.first_loss,
-                "first_losses": list(self._first_losses)}
+                "first_losses": list(self._first_losses), "loss_scatter": list(self._scatter)}
 
     def load_state_dict(self, s: dict) -> None:
         self.spike.load_state_dict(s["spike"])
         self.grad.load_state_dict(s["grad"])
         self.divergence.load_state_dict(s["divergence"])
         self.loss_ema = s.get("loss_ema", self.loss_ema)
-        self.first_loss = s.get("first_loss", self.first_loss)
-        self._first_losses = list(s.get("first_losses", self._first_losses))
+        saved = list(s.get("first_losses", ()))
+        if len(saved) >= len(self._first_losses):  # a rollback to the start keeps the run's known start
+            self.first_loss = s.get("first_loss", self.first_loss)
+            self._first_losses = saved
+        if "loss_scatter" in s:
+            self._scatter = tuple(s["loss_scatter"])

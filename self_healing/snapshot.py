@@ -45,7 +45,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from . import compat
-from .detectors import (EPOCH_KEY, FIRST_LOSS_KEY, GROWTH_KEY, LOSS_KEY, REACH_KEY, StateReport, adam_update_bound,
+from .detectors import (EPOCH_KEY, FIRST_LOSS_KEY, GROWTH_KEY, LOSS_KEY, LOSS_SCATTER_KEY, REACH_KEY, StateReport,
+                        adam_update_bound,
                         adamax_update_bound, current_losses)
 from .distributed import local_tensor, reshard
 
@@ -466,9 +467,11 @@ def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateRepo
             opt_norms[REACH_KEY] = tracked.reach
             opt_norms[GROWTH_KEY] = tracked.log_growth
             opt_norms[EPOCH_KEY] = tracked.epoch
-    loss, first = current_losses()  # the run's loss, for a blow-up the loss must confirm
+    loss, first, scatter = current_losses()  # the run's loss, for a blow-up the loss must confirm
     if loss is not None and first is not None and math.isfinite(loss) and math.isfinite(first):
         opt_norms[LOSS_KEY], opt_norms[FIRST_LOSS_KEY] = loss, first
+        if scatter is not None and math.isfinite(scatter):
+            opt_norms[LOSS_SCATTER_KEY] = scatter
     report = StateReport(weight_norm=values[0], optimizer_norms=opt_norms, beta2=beta2, step=step)
     report.seconds = time.perf_counter() - t0
     return report

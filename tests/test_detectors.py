@@ -214,3 +214,40 @@ def test_weights_blowing_up_while_the_loss_rises_is_the_lr_not_learning():
     assert compare_state(learning, ref, 10) is None
     no_loss = StateReport(279.0, _with_reach({}, 5000.0), step=5)  # RL policy loss: not a quality measure
     assert compare_state(no_loss, ref, 10) is None
+
+
+def test_a_loss_rise_the_loss_own_scatter_explains_confirms_nothing():
+    """Batch size 1: a squared error scatters by ~2 in log from step to step, so a smoothed loss
+    tripling (5.4 -> 12.9 on a healthy chain) is noise; a token-mean loss scattering by 0.33 that
+    rises 0.78 in log is an LR blowing the model up."""
+    from self_healing.detectors import FIRST_LOSS_KEY, LOSS_KEY, LOSS_SCATTER_KEY
+
+    ref = StateReport(0.06, _with_reach({}, 0.0), step=0)
+    noisy = StateReport(1.5, {**_with_reach({}, 50.0), LOSS_KEY: 12.9, FIRST_LOSS_KEY: 5.4, LOSS_SCATTER_KEY: 2.2},
+                        step=10)
+    assert compare_state(noisy, ref, 10) is None
+    steady = StateReport(1.5, {**_with_reach({}, 50.0), LOSS_KEY: 8.29, FIRST_LOSS_KEY: 3.81,
+                               LOSS_SCATTER_KEY: 0.33}, step=5)
+    hit = compare_state(steady, ref, 10)
+    assert hit is not None and hit.evidence["loss_scatter"] == 0.33
+
+
+def test_where_a_run_started_is_the_median_of_its_first_losses_and_survives_a_rollback():
+    """One batch-size-1 loss can be an outlier (0.096 where the typical one was ~8); the median of
+    the first three is not, and a blow-up from the third loss on does not raise it. A rollback to a
+    state saved before they were all seen keeps them; a resume (fresh monitor) takes the saved ones."""
+    from self_healing.detectors import FIRST_LOSSES
+
+    m = StepMonitor(HealingConfig())
+    early = m.state_dict()
+    for i, loss in enumerate([0.096, 8.0, 40.0, 0.01], 1):
+        m.accept(StepSignals(step=i, loss=loss, grad_norm=1.0))
+    assert FIRST_LOSSES == 3 and m.first_loss == 8.0
+    assert m.loss_scatter == pytest.approx(
+        (0.1 * 0.9 ** 2 * math.log(8 / 0.096) + 0.1 * 0.9 * math.log(40 / 8) + 0.1 * math.log(4000))
+        / (1 - 0.9 ** 3))
+    m.load_state_dict(early)  # a rollback to the start
+    assert m.first_loss == 8.0
+    fresh = StepMonitor(HealingConfig())
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.first_loss == 8.0 and fresh.loss_scatter == m.loss_scatter
