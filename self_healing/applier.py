@@ -11,7 +11,8 @@ import time
 from dataclasses import replace
 from typing import Any, Iterable
 
-from .decider import Decision, ExceptionDecision
+from .decider import Decision, ExceptionDecision, Finding
+from .detectors import compare_state
 from .diagnosis import Action, Diagnosis
 from .healing import restore_scheduled_lr, scale_lr, tighten_clipping
 from .snapshot import SnapshotError
@@ -47,6 +48,38 @@ class Applier:
             elif action == Action.GIVE_UP:
                 details.update(h.give_up(diag, reason))
         return details
+
+    def act_on(self, finding: Finding) -> Decision | None:
+        """An observer's finding: a failure goes through the decider (`Healer.handle`), an advisory
+        is a bounded LR change, a warning takes the early snapshot (if the state is sound) and
+        tightens clipping; each is emitted once."""
+        h = self.healer
+        if finding.update_undone:
+            h.note_update_undone()
+        step = finding.step
+        if finding.kind == "failure":
+            return h.handle([finding.detection], step, before_update=True)
+        diag = finding.diagnosis
+        if finding.kind == "advisory":
+            return self.apply_advisory(diag, step)
+        details: dict[str, Any] = {}
+        if finding.kind == "warning":  # an early snapshot (if the state is sound), tighter clipping
+            actions = []
+            snap = finding.snapshot
+            if snap is not None and Action.CHECKPOINT in diag.actions:
+                if compare_state(snap, h.ref_report, h.config.weight_growth_factor) is None:
+                    h.capture(snap.step, snap)
+                    details["snapshot_step"] = snap.step
+                    actions.append(Action.CHECKPOINT)
+                else:
+                    details["snapshot"] = "refused: the state failed its integrity check"
+                    diag.summary += "; the early snapshot was not taken: the state failed its integrity check"
+            if Action.TIGHTEN_CLIPPING in diag.actions:
+                details["clipping"] = self.tighten_clipping()
+                actions.append(Action.TIGHTEN_CLIPPING)
+            diag.actions = actions
+        h.emit(step, diag, [a.value for a in diag.actions], details)
+        return None
 
     def apply_advisory(self, diag: Diagnosis, step: int) -> Decision:
         """A monitor's finding (DPO plateau, reward collapse, overfitting, oscillation): recorded

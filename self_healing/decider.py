@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .detectors import Detection
+from .detectors import Detection, StateReport
 from .diagnosis import Action, Diagnosis, FailureKind, diagnose, diagnose_exception, diagnose_state
 from .distributed import RankFailure, is_distributed, per_rank_view
 
@@ -55,6 +55,38 @@ class Decision:
     @property
     def failure(self) -> FailureKind:
         return self.diagnosis.failure
+
+
+@dataclass
+class Finding:
+    """What an observer (the early-warning signals) saw on one step, handed to the engine to act
+    on (`Healer.act_on`) instead of calling into it:
+
+    - `failure`: `detection` is decided and applied like any other failure, before the update lands;
+    - `advisory`: `diagnosis` asks for a bounded LR change, outside the escalation;
+    - `warning`: an early snapshot of `snapshot` (a state report of the state the coming update
+      starts from; taken only if it passes the integrity check) and tighter clipping, then recorded;
+    - `record`: `diagnosis` is recorded only (observe mode, or what the observer did itself).
+
+    `update_undone`: the observer put the weights back after the step's update (the probe check):
+    the step counts as skipped and verifies no snapshot."""
+
+    kind: str
+    step: int
+    detection: Detection | None = None
+    diagnosis: Diagnosis | None = None
+    snapshot: StateReport | None = None
+    update_undone: bool = False
+
+    KINDS = ("failure", "advisory", "warning", "record")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"Finding.kind={self.kind!r}: expected one of {', '.join(self.KINDS)}")
+        if (self.detection is None) == (self.kind == "failure") or \
+                (self.kind != "failure" and self.diagnosis is None):
+            raise ValueError(f"Finding.kind={self.kind!r} needs " + ("a detection" if self.kind == "failure"
+                                                                       else "a diagnosis and no detection"))
 
 
 # ---------------------------------------------------------------------------------------------

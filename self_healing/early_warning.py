@@ -6,10 +6,11 @@ them is on, so a run without them pays nothing. It works through the callback's 
 is an observer (`on_step` gets each step's loss and pre-clip grad norm after the basic detectors,
 `on_event` sees every decision) and a Trainer callback added after the main one (its
 `on_pre_optimizer_step` runs after the basic detectors, before `optimizer.step()`; its
-`on_optimizer_step` right after the update). Its failures go to the engine as detections
-(`callback.engine.handle`: rollback and LR cut, with the escalation policy and attempt budget of
-every other failure; the callback then does what only the Trainer can), its advisories through
-`engine.apply_advisory` (a bounded LR cut), its early snapshots through `engine.capture`.
+`on_optimizer_step` right after the update). What it sees goes to the engine as typed findings
+(`decider.Finding`, through `engine.act_on`, the one call it makes): a failure is decided and applied
+there like every other (rollback and LR cut, with the escalation policy and attempt budget), an
+advisory is a bounded LR cut, a warning an early snapshot and tighter clipping; the callback then
+does what only the Trainer can with the decision.
 
 Per step, with the signal on:
 
@@ -54,7 +55,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .detectors import Detection, compare_state
+from .decider import Finding
+from .detectors import Detection
 from .diagnosis import Action, Diagnosis, diagnose
 from .early_calibration import CONFIRM_STEPS, CalibrationGate
 from .early_growth import (FORECAST_HORIZON, GROWTH_PERSIST, SAMPLE_PER_TENSOR, SAMPLE_TENSORS, WARNING_CALM_STEPS,
@@ -217,9 +219,9 @@ class EarlyWarning(TrainerCallback):
             self._cost("oscillation", t0)
         acted = False
         if cfg.growth_forecast:
-            acted = self._act_on_growth(step, scores, s, control)
+            acted = self._submit(self._growth_finding(step, scores, s), control)
         if not acted and cfg.oscillation_check:
-            acted = self._act_on_oscillation(step, scores)
+            self._submit(self._oscillation_finding(step, scores), control)  # an LR cut: the update stays
         if not acted and cfg.curvature_every_steps and step % cfg.curvature_every_steps == 0 and self.probe.batch:
             t0 = time.perf_counter()
             hist = self.summary["curvature"]
@@ -249,7 +251,7 @@ class EarlyWarning(TrainerCallback):
         r = self.probe.after_update(self.cb.model)
         self.summary["probe"]["probes"] += 1
         if r.above:
-            self._reject_update(r)
+            self._submit(self._rejected_update(r), control)
         elif not self.gate.lr_rising:
             self._step_scores["probe"] = r.score
             self.gate.hold_one(r.step, "probe", r.score)
@@ -274,24 +276,42 @@ class EarlyWarning(TrainerCallback):
         return control
 
     # acting on the verdicts -------------------------------------------------------------------
-    def _act_on_growth(self, step: int, scores: dict[str, float], s: Any, control: Any) -> bool:
-        """True when the step's update is dropped (a growth failure, unless observing only)."""
+    def _submit(self, finding: Finding | None, control: Any) -> bool:
+        """The one place findings reach the engine (`engine.act_on`); the callback does the
+        Trainer's part of the decision. True when the step's update is dropped."""
+        if finding is None:
+            return False
+        if finding.kind != "failure":
+            self.cb.engine.act_on(finding)
+            return False
+        imp = self.fisher_ewc.importance() if self.fisher_ewc is not None else None
+        params = self._params()
+        current = [p.detach().clone() for p in params] if imp is not None else None
+        decision = self.cb.engine.act_on(finding)
+        self.cb.apply_decision(decision, control)  # the Trainer's part: stop it if the engine gave up
+        if current is not None and decision is not None and decision.rolled_back_to is not None:
+            # Fisher-weighted rollback: w = snapshot + (1 - importance) (w_before - snapshot)
+            self.fisher_ewc.weigh_rollback(params, current, imp)
+            self.summary["fisher"]["fisher_weighted_rollbacks"] += 1
+        self._warning_since = None
+        return True
+
+    def _growth_finding(self, step: int, scores: dict[str, float], s: Any) -> Finding | None:
         v = self.growth_judge.judge(step, scores)
         if v is None:
-            return False
+            return None
         if v.level == "failure":
-            self._failure(step, "instability_forecast", self._growth_evidence(v, scores, s), control)
-            return not self.observe_only
+            return self._failure(step, "instability_forecast", self._growth_evidence(v, scores, s))
         if self._warning_since is None:
-            self._warning(step, self._growth_evidence(v, scores, s))
-        return False
+            return self._warning(step, self._growth_evidence(v, scores, s))
+        return None
 
     def _growth_evidence(self, v: GrowthVerdict, scores: dict[str, float], s: Any) -> dict[str, Any]:
         mon = self.cb.monitor
         mean = mon.grad.window.mean if mon is not None and len(mon.grad.window) else None
         return self.growth_judge.evidence(v, scores, s.loss, s.grad_norm, mean, self.config.grad_spike_factor)
 
-    def _warning(self, step: int, ev: dict[str, Any]) -> None:
+    def _warning(self, step: int, ev: dict[str, Any]) -> Finding:
         """Warning state: an early snapshot (so a rollback loses little) and tighter clipping,
         once per episode; the episode ends after `WARNING_CALM_STEPS` calm steps."""
         self._warning_since, self._calm = step, 0
@@ -299,61 +319,48 @@ class EarlyWarning(TrainerCallback):
         self.summary["warnings"] += 1
         if self.summary["first_warning_step"] is None:
             self.summary["first_warning_step"] = step
-        actions: list[Action] = []
-        details: dict[str, Any] = {}
-        if not self.observe_only:
-            snap = self._early_snapshot(step)
-            if snap is not None:
-                actions.append(Action.CHECKPOINT)
-                details["snapshot_step"] = snap
-            details["clipping"] = self.cb.engine.tighten_clipping()
-            actions.append(Action.TIGHTEN_CLIPPING)
-        self._record(step, warning_diagnosis(step, ev, actions), details)
+        if self.observe_only:
+            return Finding("record", step, diagnosis=warning_diagnosis(step, ev, []))
+        snap = self._early_state(step)
+        actions = ([Action.CHECKPOINT] if snap is not None else []) + [Action.TIGHTEN_CLIPPING]
+        return Finding("warning", step, diagnosis=warning_diagnosis(step, ev, actions), snapshot=snap)
 
-    def _early_snapshot(self, step: int) -> int | None:
-        """Snapshot the state the coming update starts from (the one after step - 1), if it is
-        sound and newer than the newest snapshot."""
+    def _early_state(self, step: int) -> Any:
+        """A state report of the state the coming update starts from (the one after step - 1),
+        when it is newer than the newest snapshot: the engine snapshots it if it is sound."""
         latest = self.cb.ring.latest
         if latest is not None and latest.step >= step - 1:
             return None
-        report = state_report(self.cb.model, self.cb.optimizer, step - 1)
-        if compare_state(report, self.cb.engine.ref_report, self.config.weight_growth_factor) is not None:
-            return None
-        self.cb.engine.capture(step - 1, report)
-        return step - 1
+        return state_report(self.cb.model, self.cb.optimizer, step - 1)
 
     def _can_cut_lr(self) -> bool:
         return self.cb.policy.lr_scale * self.config.lr_reduction_factor >= self.config.min_lr_scale
 
-    def _act_on_oscillation(self, step: int, scores: dict[str, float]) -> bool:
-        """An LR cut (once per window); it does not discard this step's update: always False."""
+    def _oscillation_finding(self, step: int, scores: dict[str, float]) -> Finding | None:
+        """An LR cut (once per window); it does not discard this step's update."""
         v = self.oscillation.judge(step, scores)
         if v is None:
-            return False
+            return None
         self._count_failure(step)
         actions = [Action.REDUCE_LR] if not self.observe_only and self._can_cut_lr() else []
         diag = oscillation_diagnosis(step, v, self.alpha_fail, self.config.oscillation_window, actions,
                                      self.config.lr_reduction_factor, self.observe_only)
-        if actions:
-            self.cb.engine.apply_advisory(diag, step)
-        else:
-            self._record(step, diag, {})
         self.oscillation.clear()
-        return False
+        return Finding("advisory" if actions else "record", step, diagnosis=diag)
 
-    def _reject_update(self, r: ProbeResult) -> None:
+    def _rejected_update(self, r: ProbeResult) -> Finding:
+        """The probe found the update made the probe loss worse: it was undone here (unless
+        observing only); two rejections within five probes also cut the LR."""
         self.summary["probe"]["rejected"] += 1
         self._count_failure(r.step)
         actions, recent = self.probe.reject(r.step, self.cb.model, self.cb.optimizer, self.observe_only,
                                             self._can_cut_lr())
-        if Action.SKIP_STEP in actions:
-            self.cb.engine.note_update_undone()
+        undone = Action.SKIP_STEP in actions
+        if undone:
             self.growth_judge.forget_last()
         diag = probe_diagnosis(r, self.alpha_fail, actions, recent)
-        if Action.REDUCE_LR in actions:
-            self.cb.engine.apply_advisory(diag, r.step)
-        else:
-            self._record(r.step, diag, {})
+        return Finding("advisory" if Action.REDUCE_LR in actions else "record", r.step, diagnosis=diag,
+                       update_undone=undone)
 
     # bookkeeping ------------------------------------------------------------------------------
     def _count_failure(self, step: int) -> None:
@@ -361,25 +368,12 @@ class EarlyWarning(TrainerCallback):
         if self.summary["first_failure_step"] is None:
             self.summary["first_failure_step"] = step
 
-    def _failure(self, step: int, signal: str, ev: dict[str, Any], control: Any) -> None:
+    def _failure(self, step: int, signal: str, ev: dict[str, Any]) -> Finding:
         self._count_failure(step)
+        detection = Detection(signal, step, ev)
         if self.observe_only:
-            self._record(step, observed_diagnosis(Detection(signal, step, ev)), {})
-            return
-        imp = self.fisher_ewc.importance() if self.fisher_ewc is not None else None
-        params = self._params()
-        current = [p.detach().clone() for p in params] if imp is not None else None
-        rollbacks = self.cb.recorder.counters["rollbacks"]
-        decision = self.cb.engine.handle([Detection(signal, step, ev)], step, before_update=True)
-        self.cb.apply_decision(decision, control)  # the Trainer's part: stop it if the engine gave up
-        if current is not None and self.cb.recorder.counters["rollbacks"] > rollbacks:
-            # Fisher-weighted rollback: w = snapshot + (1 - importance) (w_before - snapshot)
-            self.fisher_ewc.weigh_rollback(params, current, imp)
-            self.summary["fisher"]["fisher_weighted_rollbacks"] += 1
-        self._warning_since = None
-
-    def _record(self, step: int, diag: Diagnosis, details: dict[str, Any]) -> None:
-        self.cb.engine.emit(step, diag, [a.value for a in diag.actions], details)
+            return Finding("record", step, diagnosis=observed_diagnosis(detection))
+        return Finding("failure", step, detection=detection)
 
     def _refresh_summary(self) -> None:
         notes = {**self.growth_judge.thresholds, **self.oscillation.thresholds, **self.probe.thresholds}

@@ -30,7 +30,7 @@ import torch
 from .applier import Applier
 from .config import HealingConfig
 from .decider import (BatchChange, BatchFacts, Decider, Decision, EvalBatchChange, ExceptionDecision,
-                      ExceptionFacts, Resume)
+                      ExceptionFacts, Finding, Resume)
 from .detectors import Detection, StateReport, StepMonitor, StepSignals
 from .diagnosis import Action, Diagnosis, FailureKind
 from .distributed import EXCEPTION_CODES, RankFailure, agree_max
@@ -266,6 +266,12 @@ class Healer:
         return Decision(step, diag, tuple(plan.actions), plan.reason, skipped=before_update,
                         rolled_back_to=details.get("rolled_back_to_step"), lr_factor=lr_factor, stop=stop,
                         details=details, event=event)
+
+    def act_on(self, finding: Finding) -> Decision | None:
+        """An observer's finding (`decider.Finding`): decided, applied and emitted here, like every
+        other failure (`Applier.act_on`); the Decision (None for a warning or a record) tells the
+        adapter what only its loop can do (stop it, repair its logged loss)."""
+        return self.applier.act_on(finding)
 
     def skip_batch(self, exc: BaseException, step: int, where: str = "collate",
                    indices: list[int] | None = None) -> Decision:

@@ -381,3 +381,42 @@ def test_weights_found_corrupted_at_an_exception_resume_from_the_verified_snapsh
     d = healer.decide_exception(_facts(RuntimeError("expected a finite loss"), origin="trainer", state=state,
                                        can_rollback=True))
     assert not d.raise_unchanged and d.failure == FailureKind.WEIGHT_CORRUPTION and not d.resume.prefer_current
+
+
+def test_an_observers_findings_are_acted_on_by_the_engine_alone():
+    """The early-warning signals hand the engine typed findings (`Finding`) instead of calling into
+    it: a failure is decided like any other (before the update: skipped, rolled back), a warning
+    takes its early snapshot only when the state is sound, an undone update counts as a skip."""
+    from self_healing.decider import Finding
+    from self_healing.snapshot import state_report
+
+    healer, model, opt = _setup()
+    for s in range(1, 13):
+        _step(healer, model, opt, s)
+    diag = Diagnosis(FailureKind.INSTABILITY_FORECAST, "growing: early snapshot taken and clipping tightened", {},
+                     [Action.CHECKPOINT, Action.TIGHTEN_CLIPPING], [], 13)
+    sound = state_report(model, opt, 12)
+    assert healer.act_on(Finding("warning", 13, diagnosis=diag, snapshot=sound)) is None
+    ev = healer.recorder.events[-1]
+    assert ev["actions"] == ["checkpoint", "tighten_clipping"] and ev["details"]["snapshot_step"] == 12
+    assert healer.ring.latest.step == 12
+    with torch.no_grad():
+        model[0].weight.mul_(1e4)  # scaled outside the optimizer: not a state to snapshot
+    bad = state_report(model, opt, 13)
+    diag2 = Diagnosis(FailureKind.INSTABILITY_FORECAST, "growing", {}, [Action.CHECKPOINT, Action.TIGHTEN_CLIPPING],
+                      [], 14)
+    healer.act_on(Finding("warning", 14, diagnosis=diag2, snapshot=bad))
+    ev = healer.recorder.events[-1]
+    assert ev["actions"] == ["tighten_clipping"] and "refused" in ev["details"]["snapshot"]
+    assert "early snapshot was not taken" in ev["diagnosis"] and healer.ring.latest.step == 12
+    skipped = healer.recorder.counters["skipped_steps"]
+    d = healer.act_on(Finding("failure", 14, detection=Detection("instability_forecast", 14, {"lr_cause": False})))
+    assert isinstance(d, Decision) and d.skipped and d.rolled_back_to is not None  # the newest verified one
+    assert healer.recorder.counters["skipped_steps"] >= skipped
+    healer.act_on(Finding("record", 15, diagnosis=Diagnosis(FailureKind.PROBE_REGRESSION, "undone", {}, [], [], 15),
+                          update_undone=True))
+    assert healer.recorder.counters["skipped_steps"] >= skipped + 1 and healer.step_flagged
+    with pytest.raises(ValueError, match="Finding.kind='alarm'"):
+        Finding("alarm", 1, diagnosis=diag)
+    with pytest.raises(ValueError, match="needs a detection"):
+        Finding("failure", 1, diagnosis=diag)
