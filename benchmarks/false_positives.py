@@ -107,6 +107,14 @@ def _build(kind: str, out: str, steps: int, **kw: Any) -> Any:
     return build_trainer(kind, output_dir=out, max_steps=steps, **{**SIZE, **kw})
 
 
+def _regression(out: str, steps: int) -> Any:
+    """transformers' gradient-checkpointing test model, written anew: 1-wide layers x3 with
+    N(0, 0.02) weights, batch size 1, lr 0.1 (seed 7: its smoothed loss triples between two checks)."""
+    from self_healing.tiny import regression_trainer
+
+    return regression_trainer(out, max_steps=steps, seed=7, logging_steps=1)
+
+
 SCENARIOS: dict[str, Callable[[str, int], Any]] = {
     "tiny-init-grows": lambda out, n: _scale_weights(_build("trainer", out, n), 1e-3),
     "zero-init-grows": lambda out, n: _zero_matrices(_build("trainer", out, n)),
@@ -135,6 +143,7 @@ SCENARIOS: dict[str, Callable[[str, int], Any]] = {
     "rmsprop": lambda out, n: _optimizer(_build("trainer", out, n), torch.optim.RMSprop),
     "adagrad": lambda out, n: _optimizer(_build("trainer", out, n, lr=3e-2), torch.optim.Adagrad),
     "adafactor": lambda out, n: _build("trainer", out, n, optim="adafactor"),
+    "batch1-regression-small-init": lambda out, n: _regression(out, n),
 }
 """name -> builder(output_dir, max_steps): a fresh trainer (the same seed each call)."""
 

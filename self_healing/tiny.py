@@ -13,6 +13,7 @@ import random
 from typing import Any
 
 import torch
+from torch import nn
 
 WORDS = ("the cat sat on a mat and the dog ran to the park while the birds sang in tall trees "
          "a man read his book by the warm fire as rain fell on the old roof").split()
@@ -249,6 +250,58 @@ def build_trainer(kind: str = "sft", output_dir: str = "outputs/tiny", max_steps
                                             {"per_device_train_batch_size": 8, **overrides}))
     return Trainer(model=model, args=args, train_dataset=tokenize(train_dataset or sft_dataset(seed=seed)),
                    data_collator=DataCollatorForLanguageModeling(tok, mlm=False), **common)
+
+
+# --- batch-size-1 regressions (the shape of transformers' own Trainer test models) ----------------
+class NoisyLine(torch.utils.data.Dataset):
+    """y = 2x + 3 + noise: a healthy regression whose per-sample loss is heavy-tailed (chi-square)."""
+
+    def __init__(self, n: int = 64, noise: float = 1.0, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, generator=g)
+        self.y = 2 * self.x + 3 + noise * torch.randn(n, 1, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class SmallInitChain(nn.Module):
+    """Four 1-wide linear layers (output x3 each) and a head, initialised the way a `PreTrainedModel`
+    is by default (weights N(0, 0.02), zero bias): the weights must grow ~50x before it fits."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.blocks = nn.ModuleList(nn.Linear(1, 1) for _ in range(4))
+        self.head = nn.Linear(1, 1)
+        with torch.no_grad():
+            for m in [*self.blocks, self.head]:
+                m.weight.normal_(0.0, 0.02, generator=g)
+                m.bias.zero_()
+
+    def forward(self, x, labels=None):
+        for block in self.blocks:
+            x = 3 * block(x)
+        out = self.head(x)
+        loss = nn.functional.mse_loss(out, labels) if labels is not None else None
+        return {"loss": loss, "logits": out}
+
+
+def regression_trainer(output_dir: str, max_steps: int = -1, seed: int = 7, lr: float = 0.1, callbacks=None,
+                       **overrides: Any):
+    """A `Trainer` on `SmallInitChain(seed)` and `NoisyLine(noise=0.1, seed)`, batch size 1, lr 0.1,
+    3 epochs (192 steps) unless `max_steps`: healthy, with small weights that must grow ~50x and a
+    chi-square loss that scatters by ~2 in log from one step to the next."""
+    from transformers import Trainer, TrainingArguments
+
+    args = dict(per_device_train_batch_size=1, num_train_epochs=3, max_steps=max_steps, learning_rate=lr,
+                save_strategy="no", report_to=[], disable_tqdm=True, seed=42, logging_steps=1000)
+    args.update(overrides)
+    return Trainer(SmallInitChain(seed=seed), TrainingArguments(output_dir, **args),
+                   train_dataset=NoisyLine(noise=0.1, seed=seed), callbacks=callbacks or [])
 
 
 def logged_losses(trainer) -> list[float]:

@@ -18,23 +18,9 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from self_healing import HealingConfig, SelfHealingCallback, SelfHealingTrainer
+from self_healing.tiny import NoisyLine, SmallInitChain
 
 MODES = ("wrapper", "attach", "callbacks")
-
-
-class NoisyLine(torch.utils.data.Dataset):
-    """y = 2x + 3 + noise: a healthy regression whose per-sample loss is heavy-tailed (chi-square)."""
-
-    def __init__(self, n: int = 64, noise: float = 1.0, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 1, generator=g)
-        self.y = 2 * self.x + 3 + noise * torch.randn(n, 1, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "labels": self.y[i]}
 
 
 class OneLinear(nn.Module):
@@ -247,28 +233,6 @@ def test_remove_callback_turns_the_plugin_off(tmp_path, mode):
     with pytest.raises(IndexError, match="out of bounds"):
         trainer.train()
     assert [type(c) for c in trainer.callback_handler.callbacks] == [type(c) for c in bare.callback_handler.callbacks]
-
-
-class SmallInitChain(nn.Module):
-    """Four 1-wide linear layers (output x3 each) and a head, initialised the way a `PreTrainedModel`
-    is by default (weights N(0, 0.02), zero bias): the weights must grow ~50x before it fits."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.blocks = nn.ModuleList(nn.Linear(1, 1) for _ in range(4))
-        self.head = nn.Linear(1, 1)
-        with torch.no_grad():
-            for m in [*self.blocks, self.head]:
-                m.weight.normal_(0.0, 0.02, generator=g)
-                m.bias.zero_()
-
-    def forward(self, x, labels=None):
-        for block in self.blocks:
-            x = 3 * block(x)
-        out = self.head(x)
-        loss = nn.functional.mse_loss(out, labels) if labels is not None else None
-        return {"loss": loss, "logits": out}
 
 
 def _chain_run(mode: str | None, out_dir: str, seed: int = 2) -> tuple[Trainer, SelfHealingCallback | None]:

@@ -28,7 +28,7 @@ _spec.loader.exec_module(FP)
 # (scenario, steps): each long enough to pass an integrity check (every 10 steps by default, 5 aggressive);
 # the benchmark runs every scenario (each optimizer alone too) for longer
 RUNS = [("tiny-init-grows", 12), ("zero-init-sgd-heavy-decay", 11), ("batch1-mixed-lengths-restarts", 12),
-        ("dpo-near-zero-loss", 10), ("grpo-saturating", 10), ("adafactor", 10)]
+        ("dpo-near-zero-loss", 10), ("grpo-saturating", 10), ("adafactor", 10), ("batch1-regression-small-init", 60)]
 
 
 @pytest.mark.parametrize("name,steps", RUNS, ids=[r[0] for r in RUNS])
