@@ -270,17 +270,21 @@ class NoisyLine(torch.utils.data.Dataset):
 
 class SmallInitChain(nn.Module):
     """Four 1-wide linear layers (output x3 each) and a head, initialised the way a `PreTrainedModel`
-    is by default (weights N(0, 0.02), zero bias): the weights must grow ~50x before it fits."""
+    is by default (weights N(0, `init_std`), zero bias): the weights must grow ~50x before it fits.
+    `init_std=None`: torch's default `nn.Linear` init, seeded with `seed`."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, init_std: float | None = 0.02) -> None:
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
+        if init_std is None:
+            torch.manual_seed(seed)
         self.blocks = nn.ModuleList(nn.Linear(1, 1) for _ in range(4))
         self.head = nn.Linear(1, 1)
-        with torch.no_grad():
-            for m in [*self.blocks, self.head]:
-                m.weight.normal_(0.0, 0.02, generator=g)
-                m.bias.zero_()
+        if init_std is not None:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for m in [*self.blocks, self.head]:
+                    m.weight.normal_(0.0, init_std, generator=g)
+                    m.bias.zero_()
 
     def forward(self, x, labels=None):
         for block in self.blocks:

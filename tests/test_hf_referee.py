@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from self_healing import HealingConfig, SelfHealingCallback, SelfHealingTrainer
-from self_healing.tiny import NoisyLine, SmallInitChain
+from self_healing.tiny import NoisyLine, SmallInitChain, regression_trainer
 
 MODES = ("wrapper", "attach", "callbacks")
 
@@ -35,35 +35,28 @@ class OneLinear(nn.Module):
         return {"loss": loss, "logits": out}
 
 
-class StackedLinear(nn.Module):
-    """Four 1-wide linear layers, each output scaled by 3, then a head: small initial weights that must
-    grow while it learns (the shape of transformers' gradient-checkpointing test model, written anew)."""
+class StackedLinear(SmallInitChain):
+    """Four 1-wide linear layers, each output scaled by 3, then a head, with torch's default init: the
+    shape of transformers' gradient-checkpointing test model, written anew."""
 
     def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList(nn.Linear(1, 1) for _ in range(4))
-        self.head = nn.Linear(1, 1)
+        super().__init__(seed=0, init_std=None)
 
-    def forward(self, x, labels=None):
-        for block in self.blocks:
-            x = 3 * block(x)
-        out = self.head(x)
-        loss = nn.functional.mse_loss(out, labels) if labels is not None else None
-        return {"loss": loss, "logits": out}
+
+def _in_mode(mode: str | None, build) -> tuple[Trainer, SelfHealingCallback | None]:
+    """Train `build(callbacks)` with the plugin attached the `mode` way (None: bare); its callback."""
+    trainer = build([SelfHealingCallback(HealingConfig())] if mode == "callbacks" else [])
+    if mode == "attach":
+        SelfHealingCallback(HealingConfig()).attach(trainer)
+    (SelfHealingTrainer(trainer, HealingConfig()) if mode == "wrapper" else trainer).train()
+    cbs = [c for c in trainer.callback_handler.callbacks if isinstance(c, SelfHealingCallback)]
+    return trainer, (cbs[0] if cbs else None)
 
 
 def _train(mode: str | None, model: nn.Module, out_dir: str, **args) -> tuple[Trainer, SelfHealingCallback | None]:
     targs = TrainingArguments(out_dir, per_device_train_batch_size=1, num_train_epochs=3, save_strategy="no",
                               report_to=[], disable_tqdm=True, seed=0, logging_steps=1000, **args)
-    callbacks = [SelfHealingCallback(HealingConfig())] if mode == "callbacks" else []
-    trainer = Trainer(model, targs, train_dataset=NoisyLine(), callbacks=callbacks)
-    if mode == "attach":
-        SelfHealingCallback(HealingConfig()).attach(trainer)
-    runner = SelfHealingTrainer(trainer, HealingConfig()) if mode == "wrapper" else trainer
-    runner.train()
-    cbs = [c for c in trainer.callback_handler.callbacks if isinstance(c, SelfHealingCallback)]
-    return trainer, (cbs[0] if cbs else None)
+    return _in_mode(mode, lambda callbacks: Trainer(model, targs, train_dataset=NoisyLine(), callbacks=callbacks))
 
 
 def _acted(cb: SelfHealingCallback) -> dict:
@@ -236,16 +229,7 @@ def test_remove_callback_turns_the_plugin_off(tmp_path, mode):
 
 
 def _chain_run(mode: str | None, out_dir: str, seed: int = 2) -> tuple[Trainer, SelfHealingCallback | None]:
-    targs = TrainingArguments(out_dir, per_device_train_batch_size=1, num_train_epochs=3, learning_rate=0.1,
-                              save_strategy="no", report_to=[], disable_tqdm=True, seed=42, logging_steps=1000)
-    callbacks = [SelfHealingCallback(HealingConfig())] if mode == "callbacks" else []
-    trainer = Trainer(SmallInitChain(seed=seed), targs, train_dataset=NoisyLine(noise=0.1, seed=seed),
-                      callbacks=callbacks)
-    if mode == "attach":
-        SelfHealingCallback(HealingConfig()).attach(trainer)
-    (SelfHealingTrainer(trainer, HealingConfig()) if mode == "wrapper" else trainer).train()
-    cbs = [c for c in trainer.callback_handler.callbacks if isinstance(c, SelfHealingCallback)]
-    return trainer, (cbs[0] if cbs else None)
+    return _in_mode(mode, lambda callbacks: regression_trainer(out_dir, seed=seed, callbacks=callbacks))
 
 
 @pytest.mark.parametrize("mode", MODES)
