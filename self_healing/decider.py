@@ -83,10 +83,10 @@ class Finding:
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
             raise ValueError(f"Finding.kind={self.kind!r}: expected one of {', '.join(self.KINDS)}")
-        if (self.detection is None) == (self.kind == "failure") or \
-                (self.kind != "failure" and self.diagnosis is None):
-            raise ValueError(f"Finding.kind={self.kind!r} needs " + ("a detection" if self.kind == "failure"
-                                                                       else "a diagnosis and no detection"))
+        if self.kind == "failure" and self.detection is None:
+            raise ValueError("Finding.kind='failure' needs a detection")
+        if self.kind != "failure" and (self.diagnosis is None or self.detection is not None):
+            raise ValueError(f"Finding.kind={self.kind!r} needs a diagnosis and no detection")
 
 
 # ---------------------------------------------------------------------------------------------

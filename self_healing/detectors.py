@@ -522,10 +522,8 @@ class StepMonitor:
         self.last_spike_ratio: float | None = None
         self.loss_ema: float | None = None
         """EMA (0.7) of the healthy losses: the loss side of `compare_state`'s evidence."""
-        self.first_loss: float | None = None
-        """The first healthy loss (a mean of several was tried: a run blown up by its LR climbs within
-        them, and its second blow-up after the rollback went unseen)."""
         self._first_losses: list[float] = []
+        """The run's first `FIRST_LOSSES` healthy losses: `first_loss` is their (lower) median."""
         self._scatter = (0.0, 0, None)
         """(EMA 0.9 of |change of log loss|, changes seen, last log loss): see `loss_scatter`."""
         _MONITORS[threading.get_ident()] = self
@@ -575,7 +573,6 @@ class StepMonitor:
             self._scatter = (m, n, cur) if last is None else (0.9 * m + 0.1 * abs(cur - last), n + 1, cur)
         if len(self._first_losses) < FIRST_LOSSES:  # where the run started: the median of its first losses
             self._first_losses.append(s.loss)
-            self.first_loss = sorted(self._first_losses)[(len(self._first_losses) - 1) // 2]
         lrs = s.scheduled_lrs if s.scheduled_lrs else s.lrs
         finite = [float(x) for x in lrs if is_finite(float(x))] if lrs else []
         self.divergence.observe_lr(max(finite) if finite else None)
@@ -583,6 +580,14 @@ class StepMonitor:
         if d:
             d.step = s.step
         return d
+
+    @property
+    def first_loss(self) -> float | None:
+        """Where the run started: the lower median of its first healthy losses (a mean was tried: a
+        run blown up by its LR climbs within them, and its second blow-up after the rollback went
+        unseen); None before the first."""
+        xs = sorted(self._first_losses)
+        return xs[(len(xs) - 1) // 2] if xs else None
 
     @property
     def loss_scatter(self) -> float | None:
@@ -596,7 +601,7 @@ class StepMonitor:
 
     def state_dict(self) -> dict:
         return {"spike": self.spike.state_dict(), "grad": self.grad.state_dict(),
-                "divergence": self.divergence.state_dict(), "loss_ema": self.loss_ema, "first_loss": self.first_loss,
+                "divergence": self.divergence.state_dict(), "loss_ema": self.loss_ema,
                 "first_losses": list(self._first_losses), "loss_scatter": list(self._scatter)}
 
     def load_state_dict(self, s: dict) -> None:
@@ -606,7 +611,6 @@ class StepMonitor:
         self.loss_ema = s.get("loss_ema", self.loss_ema)
         saved = list(s.get("first_losses", ()))
         if len(saved) >= len(self._first_losses):  # a rollback to the start keeps the run's known start
-            self.first_loss = s.get("first_loss", self.first_loss)
             self._first_losses = saved
         if "loss_scatter" in s:
             self._scatter = tuple(s["loss_scatter"])

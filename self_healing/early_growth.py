@@ -160,8 +160,8 @@ def warning_diagnosis(step: int, ev: dict[str, Any], actions: list[Action]) -> D
     """The warning event: an early snapshot and tighter clipping, or observed only."""
     return Diagnosis(FailureKind.INSTABILITY_FORECAST,
                      f"{ev['signal_name']} is growing {ev['score']:.3g}/step at step {step}, above its warning bound "
-                     f"{ev['threshold']:.3g}: " + (("early snapshot taken and clipping tightened" if Action.CHECKPOINT in actions
-                                                    else "clipping tightened") if actions else "observed only"),
+                     f"{ev['threshold']:.3g}: " + (("early snapshot and tighter clipping" if Action.CHECKPOINT in actions
+                                                    else "tighter clipping") if actions else "observed only"),
                      ev, actions, list(REFERENCES.get(FailureKind.INSTABILITY_FORECAST, [])), step)
 
 

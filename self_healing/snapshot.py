@@ -46,8 +46,7 @@ import torch
 
 from . import compat
 from .detectors import (EPOCH_KEY, FIRST_LOSS_KEY, GROWTH_KEY, LOSS_KEY, LOSS_SCATTER_KEY, REACH_KEY, StateReport,
-                        adam_update_bound,
-                        adamax_update_bound, current_losses)
+                        adam_update_bound, adamax_update_bound, current_losses)
 from .distributed import local_tensor, reshard
 
 
