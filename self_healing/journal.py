@@ -6,9 +6,11 @@ SIGKILL, the kernel OOM killer, a segfault or a power cut give the process no ch
 
 - `open` (the run: id, pid, host, trainer, max_steps, the redacted HealingConfig), written with the
   file, atomically;
-- `progress` after every optimizer step (step, loss, grad norm, LR): one small `write()` on an
-  `O_APPEND` descriptor, **not** fsynced. The page cache belongs to the kernel, so it survives the
-  process being killed (only a power cut can lose the last few steps);
+- `progress` after every optimizer step (step, loss, grad norm, LR): a binary record in the
+  memory-mapped step ring beside the journal (`healing-journal.steps`, the last 64 steps, see
+  `step_ring`), **not** fsynced and with no system call. The mapping is the kernel's page cache, so
+  it survives the process being killed (only a power cut can lose the last few steps). Where no
+  shared mapping can be made, the record is a line here instead (one `write()`, no fsync);
 - `metrics` at each Trainer log (not fsynced);
 - decisions, **flushed and fsynced** as they happen: `event` (a detection and what was done:
   skip, rollback, LR/batch change, give up...), `checkpoint` (the Trainer saved one), `resume`
@@ -24,8 +26,9 @@ says so, closes the old journal and auto-resumes from the newest verified checkp
 Bounded: when the file passes `CrashJournal.max_bytes` (1 MiB) it is compacted, atomically (temp
 file, fsync, rename): the header, a summary record (counts of everything dropped, counters, last
 metrics), the first 50 and the last 150 decisions, the last 16 snapshot/checkpoint marks and the
-last 64 progress records. The in-memory state is bounded the same way. A new run moves the
-previous run's journal to `healing-journal.prev.jsonl` (one generation kept).
+last 64 progress records (when they are lines here). The in-memory state is bounded the same way.
+A new run moves the previous run's journal and ring to `healing-journal.prev.jsonl` / `.prev.steps`
+(one generation kept).
 
 The reader skips a torn last line (a kill in the middle of a `write()`), undecodable lines and
 lines over 64 KiB, so a damaged journal still yields what it can.
@@ -46,6 +49,7 @@ from typing import Any
 
 from .io import atomic_write_bytes, json_safe, remove_stale_temps
 from .redact import redact, redact_trackio_run_config, register_secrets_of, scrub_training_args
+from .step_ring import StepRing, read_ring, ring_path
 
 logger = logging.getLogger("self_healing")
 
@@ -206,6 +210,17 @@ class JournalState:
             self.last_time = float(t)
         self.records += 1
 
+    def add_steps(self, records: list[dict[str, Any]]) -> None:
+        """Progress records read from the step ring (`step_ring`), oldest first: the latest steps,
+        newer than any progress line of the file (the ring took them over), as old as its time says."""
+        for rec in records:
+            self.progress.append(rec)
+            self.last_step = rec["step"]
+            t = rec.get("time")
+            if isinstance(t, float) and (self.last_time is None or t > self.last_time):
+                self.last_time = t
+            self.records += 1
+
     def _add_event(self, ev: dict[str, Any], count: bool) -> None:
         if count:
             f = str(ev.get("failure"))
@@ -255,7 +270,12 @@ class CrashJournal:
         self.state = JournalState()
         self._fd: int | None = None
         self._size = 0
+        self._ring: StepRing | None = None
         self.run_id: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (deepcopy of a callback list) writes no steps: the mapping is this object's."""
+        return {**self.__dict__, "_ring": None}
 
     @property
     def is_open(self) -> bool:
@@ -270,6 +290,7 @@ class CrashJournal:
         rec.update(redact(json_safe(header)))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.path)
+        remove_stale_temps(ring_path(self.path))
         if self.path.exists():
             self._keep_previous()
         self.state = JournalState()
@@ -278,6 +299,11 @@ class CrashJournal:
         atomic_write_bytes(self.path, data)
         self._open_fd()
         self._size = len(data)
+        try:
+            self._ring = StepRing(ring_path(self.path), self.run_id)
+        except (OSError, ValueError) as exc:  # no shared mappings here: a JSON line per step instead
+            logger.debug("self-healing: no step ring (%s: %s); progress goes into the journal", type(exc).__name__, exc)
+            self._ring = None
         return self.run_id
 
     def _keep_previous(self) -> None:
@@ -292,11 +318,18 @@ class CrashJournal:
             os.replace(tmp, prev)
         except OSError:  # no hard links here: a plain rename (a kill right after it leaves no journal)
             os.replace(self.path, prev)
+        try:  # its steps go with it (a ring is read only beside the journal of its run id)
+            os.replace(ring_path(self.path), ring_path(prev))
+        except FileNotFoundError:
+            pass
 
     def _open_fd(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
 
     def close_fd(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self._fd is not None:
             try:
                 os.close(self._fd)
@@ -307,8 +340,11 @@ class CrashJournal:
     # --- records ---------------------------------------------------------------------------------
     def progress(self, step: int, loss: Any = None, grad_norm: Any = None, lr: Any = None,
                  skipped: bool = False) -> None:
-        """One optimizer step done. Cheap (a few microseconds): one formatted line, one `write()`,
-        no fsync."""
+        """One optimizer step done: a record in the step ring (no system call); where no ring could
+        be mapped, one formatted line and one `write()`. Never fsynced."""
+        if self._ring is not None:
+            self._ring.add(step, time.time(), loss, grad_norm, lr, skipped)
+            return
         if self._fd is None:
             return
         t = round(time.time(), 3)
@@ -370,7 +406,10 @@ class CrashJournal:
 
     def compact(self) -> None:
         """Rewrite the journal as its bounded summary, atomically: a kill at any point leaves the
-        old file or the new one."""
+        old file or the new one. (The step ring keeps the latest steps: it needs no compaction.)"""
+        last = self._ring.last_step() if self._ring is not None else None
+        if last is not None:
+            self.state.last_step = last
         records = self.state.compact_records()
         data = b"".join(_line(r) for r in records)
         n_events = len(self.state.events)
@@ -378,7 +417,10 @@ class CrashJournal:
             n_events //= 2
             data = b"".join(_line(r) for r in self.state.compact_records(max_events=n_events))
         atomic_write_bytes(self.path, data)
-        self.close_fd()
+        try:
+            os.close(self._fd)  # the descriptor of the file replaced (the step ring stays)
+        except OSError:
+            pass
         self._open_fd()
         self._size = len(data)
         fresh = JournalState()  # the state is now exactly what the compacted file reads back as
@@ -426,7 +468,10 @@ def read_journal(path: str | os.PathLike) -> JournalState | None:
                     state.bad_lines += 1
             except (UnicodeDecodeError, ValueError, RecursionError, TypeError, AttributeError):
                 state.bad_lines += 1
-    return state if state.header is not None else None
+    if state.header is None:
+        return None
+    state.add_steps(read_ring(ring_path(path), state.header.get("run_id")))
+    return state
 
 
 def _writer_alive(header: dict[str, Any]) -> bool:

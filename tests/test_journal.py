@@ -304,6 +304,105 @@ def test_decisions_are_fsynced_and_healthy_steps_are_not(tmp_path, monkeypatch):
     assert len(calls) == 4
 
 
+def test_a_healthy_step_makes_no_system_call_and_reads_back_as_a_line_would(tmp_path, monkeypatch):
+    """A step's record goes into the memory-mapped step ring (the page cache, which a SIGKILL
+    does not lose) with no write(); read back, it is what the JSON line said, non-finite and
+    missing values included, and the journal of a killed run has it."""
+    from self_healing.step_ring import ring_path
+
+    p = tmp_path / JOURNAL_NAME
+    j = CrashJournal(p)
+    j.start({"max_steps": 10})
+    writes = []
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, b: (writes.append(b), real(fd, b))[1])
+    values = [(1, 2.5, 1.0, 1e-3, False), (2, float("nan"), float("inf"), 1e-3, True),
+              (3, None, -float("inf"), None, False), (4, 7, True, "x", False)]
+    for v in values:
+        j.progress(*v)
+    for s in range(5, 5 + 100):
+        j.progress(s, 1.0, 1.0, 0.1)
+    assert writes == []
+    j.close_fd()  # killed
+    st = read_journal(p)
+    assert st.closed is None and st.last_step == 104 and len(st.progress) == 64
+    assert [r["step"] for r in st.progress] == list(range(41, 105))
+    j2 = CrashJournal(tmp_path / "j2.jsonl")
+    j2.start({"max_steps": 10})
+    for v in values:
+        j2.progress(*v)
+    j2.close_fd()
+    got = [{k: r.get(k) for k in ("step", "loss", "grad_norm", "lr", "skipped")}
+           for r in read_journal(tmp_path / "j2.jsonl").progress]
+    assert got == [{"step": 1, "loss": 2.5, "grad_norm": 1.0, "lr": 1e-3, "skipped": None},
+                   {"step": 2, "loss": "nan", "grad_norm": "inf", "lr": 1e-3, "skipped": True},
+                   {"step": 3, "loss": None, "grad_norm": "-inf", "lr": None, "skipped": None},
+                   {"step": 4, "loss": 7.0, "grad_norm": None, "lr": None, "skipped": None}]
+    assert ring_path(p).stat().st_size == 64 + 64 * 64
+
+
+def test_a_torn_step_record_and_another_runs_ring_are_ignored(tmp_path):
+    from self_healing.step_ring import HEADER_BYTES, SLOT_BYTES, SLOTS, ring_path
+
+    p = tmp_path / JOURNAL_NAME
+    j = CrashJournal(p)
+    j.start({"max_steps": 10})
+    for s in range(1, 11):
+        j.progress(s, 1.0, 1.0, 0.1)
+    j.close_fd()
+    ring = ring_path(p)
+    data = bytearray(ring.read_bytes())
+    off = HEADER_BYTES + (10 % SLOTS) * SLOT_BYTES  # step 10's slot, torn: its trailing seq is the old one
+    data[off + SLOT_BYTES - 8:off + SLOT_BYTES] = (0).to_bytes(8, "little")
+    ring.write_bytes(bytes(data))
+    st = read_journal(p)
+    assert st.last_step == 9 and [r["step"] for r in st.progress] == list(range(1, 10))
+    other = CrashJournal(tmp_path / "other.jsonl")
+    other.start({"max_steps": 10})
+    for s in range(1, 31):
+        other.progress(s, 1.0, 1.0, 0.1)
+    other.close_fd()
+    os.replace(ring_path(tmp_path / "other.jsonl"), ring)  # a kill between the two files: not this run's steps
+    st = read_journal(p)
+    assert st.last_step is None and list(st.progress) == []
+
+
+def test_the_previous_runs_steps_go_with_its_journal(tmp_path):
+    p = tmp_path / JOURNAL_NAME
+    j = CrashJournal(p)
+    j.start({"max_steps": 10})
+    for s in range(1, 8):
+        j.progress(s, 1.0, 1.0, 0.1)
+    j.close("completed", 7)
+    j.start({"max_steps": 10})
+    for s in range(1, 4):
+        j.progress(s, 2.0, 1.0, 0.1)
+    assert read_journal(tmp_path / PREVIOUS_NAME).last_step == 7
+    assert [r["loss"] for r in read_journal(p).progress] == [2.0, 2.0, 2.0]
+    import copy
+
+    dup = copy.deepcopy(j)  # a deep-copied callback list: the copy does not share the mapping
+    assert dup._ring is None and j._ring is not None
+    j.close("completed", 3)
+
+
+def test_without_a_shared_mapping_steps_are_journal_lines(tmp_path, monkeypatch):
+    import mmap
+
+    def no_mmap(*a, **k):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    p = tmp_path / JOURNAL_NAME
+    j = CrashJournal(p)
+    j.start({"max_steps": 10})
+    for s in range(1, 6):
+        j.progress(s, 1.0, 1.0, 0.1)
+    j.close_fd()
+    assert sum(b'"kind":"progress"' in line for line in p.read_bytes().splitlines()) == 5
+    assert read_journal(p).last_step == 5
+
+
 def test_compaction_keeps_the_journal_bounded_and_readable(tmp_path):
     p = tmp_path / JOURNAL_NAME
     j = CrashJournal(p)
