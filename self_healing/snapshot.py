@@ -213,6 +213,9 @@ class _OptimizerReach:
         self.rule = _rule_for(opt)
         self.known = self.rule is not None and hasattr(opt, "register_step_post_hook")
         self.reach = 0.0
+        """What the hook added: written by the hook alone, so its steady path needs no lock."""
+        self.folded = 0.0
+        """What `fold` added from the device accumulators (SGD), under the owner's lock."""
         self.log_growth = 0.0
         self.device_acc: dict[torch.device, torch.Tensor] = {}
         owner.epochs += 1
@@ -224,6 +227,12 @@ class _OptimizerReach:
         self.peak: dict[int, float] = {}
         self.sizes: dict[int, tuple[list, int, int]] = {}
         """Per param group: (its params list, its length, its elements), for `elements`."""
+        self.steady: list[tuple[list, int, tuple, float, float, float]] | None = None
+        """Adam's usual step, per group: (params list, its length, betas as seen, b1, b2,
+        sqrt(elements)), once every group has stepped; `_steady_step` then needs no call per group."""
+        self.per_step: tuple[int, float, float, list[float]] = (0, math.nan, math.nan, [])
+        """adam_update_bound(b1, b2, t) for 256 steps from `t`, for the first stepping group's betas:
+        a lookup per step instead of a (cold) call."""
         self.handle = None
         if self.known:
             ref = weakref.ref(self)
@@ -237,6 +246,8 @@ class _OptimizerReach:
 
     def after_step(self, opt: Any) -> None:
         try:
+            if self.steady is not None and self._steady_step(opt.param_groups):
+                return
             total, growth, dev = 0.0, 0.0, []
             for gi, group in enumerate(opt.param_groups):
                 params = group["params"]
@@ -264,11 +275,72 @@ class _OptimizerReach:
                     self.log_growth += growth
                 for t in dev:
                     self.add_device(t)
+            self.steady = self._steady_groups(opt.param_groups)
         except Exception:  # noqa: BLE001 - an unknown layout: no odometer for this optimizer, ever
             self.known = False
             if self.handle is not None:
                 self.handle.remove()
                 self.handle = None
+
+    def _steady_groups(self, groups: list[dict[str, Any]]) -> list[tuple] | None:
+        """What `_steady_step` checks each group against, or None where it does not apply (not
+        Adam/AdamW's bound, betas that are not two floats or not those seen)."""
+        if getattr(self.rule, "bound", None) is not adam_update_bound:
+            return None
+        steady = []
+        for gi, g in enumerate(groups):
+            betas = g.get("betas")
+            if type(betas) is not tuple or len(betas) != 2 or not all(type(x) is float for x in betas) \
+                    or self.betas.get(gi, betas) != betas:
+                return None
+            steady.append((g["params"], len(g["params"]), betas, *betas, math.sqrt(self.elements(gi, g["params"]))))
+        return steady
+
+    def _steady_step(self, groups: list[dict[str, Any]]) -> bool:
+        """`after_step` for Adam/AdamW's usual step, in one pass (the hook runs right after the
+        optimizer touched every weight, when each call and dict costs several times its warm cost):
+        the same bound, lr x adam_update_bound(b1, b2, t) x sqrt(elements) per group that stepped,
+        and |1 - lr x decay| > 1 into the growth odometer. False, with nothing changed, when any
+        group is not as it was (its list, betas, a non-float LR or decay): the general path then."""
+        steady, steps = self.steady, self.steps
+        if len(groups) != len(steady):
+            return False
+        total, growth, moved = 0.0, 0.0, []
+        for gi, group in enumerate(groups):
+            params, n, betas, b1, b2, root = steady[gi]
+            lr, wd = group["lr"], group.get("weight_decay")
+            if (group["params"] is not params or len(params) != n or type(lr) is not float or type(wd) is not float
+                    or group.get("betas") != betas):
+                return False
+            if n == 0 or (params[0].grad is None and not any(p.grad is not None for p in params)):
+                continue
+            if gi not in steps:  # its first step: the general path reads its saved step count
+                return False
+            t = steps[gi] + 1
+            base, tb1, tb2, table = self.per_step
+            k = t - base
+            if tb1 == b1 and tb2 == b2 and 0 <= k < len(table):
+                per = table[k]
+            elif not moved:  # the first group that steps owns the table
+                table = [adam_update_bound(b1, b2, t + i) for i in range(256)]
+                self.per_step = (t, b1, b2, table)
+                per = table[0]
+            else:  # a later group with other betas or steps (rare): computed, not tabled
+                per = adam_update_bound(b1, b2, t)
+            if per == math.inf:
+                return False
+            moved.append((gi, t))
+            lr = abs(lr)
+            total += lr * per * root
+            a = abs(1.0 - lr * wd)
+            if a > 1.0:
+                growth = max(growth, math.log(a))
+        for gi, t in moved:
+            steps[gi] = t
+        if math.isfinite(total) and math.isfinite(growth):  # the hook alone writes these: no lock
+            self.reach += total
+            self.log_growth += growth
+        return True
 
     def elements(self, gi: int, params: list[torch.Tensor]) -> int:
         """The elements of param group `gi` (`params`), counted once per list."""
@@ -294,7 +366,7 @@ class _OptimizerReach:
         (condemned by that alone, then rolled back past every step folded here): it adds nothing."""
         for v in values:
             if math.isfinite(v):
-                self.reach += v
+                self.folded += v
         for acc in self.device_acc.values():
             acc.zero_()
 
@@ -343,6 +415,7 @@ def _adam_rule(bound_fn):
             return None, 1.0
         lr = abs(lr)
         return lr * per * math.sqrt(n), _decay_growth(lr, wd)
+    rule.bound = bound_fn  # type: ignore[attr-defined]  # Adam's own: `_steady_step` applies
     return rule
 
 
@@ -463,7 +536,7 @@ def state_report(model: torch.nn.Module, optimizer: Any, step: int) -> StateRepo
     if tracked is not None and tracked.known:
         with REACH.lock:
             tracked.fold(extra)
-            opt_norms[REACH_KEY] = tracked.reach
+            opt_norms[REACH_KEY] = tracked.reach + tracked.folded
             opt_norms[GROWTH_KEY] = tracked.log_growth
             opt_norms[EPOCH_KEY] = tracked.epoch
     loss, first, scatter = current_losses()  # the run's loss, for a blow-up the loss must confirm

@@ -102,6 +102,63 @@ def test_update_odometer_bounds_what_the_optimizer_really_moved(name):
     assert hit is not None and hit.signal == "weight_corruption" and math.isfinite(hit.evidence["update_reach"])
 
 
+def _odometer_run(steady: bool, monkeypatch) -> list[tuple[float, float, dict]]:
+    from self_healing import snapshot
+
+    if not steady:
+        monkeypatch.setattr(snapshot._OptimizerReach, "_steady_step", lambda self, groups: False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    a, b, c = model
+    opt = torch.optim.AdamW([{"params": [a.weight, b.weight], "weight_decay": 0.1},
+                             {"params": [a.bias, b.bias], "weight_decay": 0.0}], lr=1e-2)
+    info = snapshot.REACH.track(opt)
+    out = []
+    for step in range(1, 601):
+        if step == 150:
+            c.requires_grad_(False)
+            opt.add_param_group({"params": list(c.parameters()), "weight_decay": 0.0})  # steps once (stale grads)
+        if step == 320:
+            opt.param_groups[1]["lr"] = torch.tensor(5e-3)  # a tensor LR (capturable schedules)
+        if step == 330:
+            opt.param_groups[1]["lr"] = 5e-3
+        if step == 400:
+            opt.param_groups[0]["weight_decay"] = 300.0  # lr x decay > 2: the growth odometer moves
+        if step == 403:
+            opt.param_groups[0]["weight_decay"] = 0.1
+        if step == 500:
+            opt.param_groups[0]["betas"] = (0.8, 0.99)  # changed mid-run: the bound no longer holds
+        for g in opt.param_groups:
+            if type(g["lr"]) is float:
+                g["lr"] = 1e-2 * (1 + math.sin(step / 7)) / 2 + 1e-4  # a schedule
+        x = torch.randn(16, 8)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append((info.reach + info.folded, info.log_growth, dict(info.steps)))
+    return out
+
+
+def test_the_odometers_steady_path_adds_exactly_what_the_general_one_does(monkeypatch):
+    """Adam's usual step takes a one-pass path with the bound tabled (the hook runs when every
+    cache is cold); across a schedule, 600 steps (the table refilled), a frozen group added, the
+    betas changed, a tensor LR and a decay that grows the weights, it adds bit for bit what the
+    general path adds, and falls back to it where its assumptions break."""
+    from self_healing import snapshot
+
+    with monkeypatch.context() as m:
+        general = _odometer_run(False, m)
+    used = []
+    real = snapshot._OptimizerReach._steady_step
+    monkeypatch.setattr(snapshot._OptimizerReach, "_steady_step",
+                        lambda self, groups: used.append(real(self, groups)) or used[-1])
+    steady = _odometer_run(True, monkeypatch)
+    assert steady == general
+    assert used.count(True) > 450 and used.count(False) >= 3  # taken, and refused where it must be
+    assert general[-1][1] > 0 and 2 in general[-1][2]  # the growth odometer moved; the late group stepped
+    assert general[-1][:2] == general[498][:2]  # no odometer once the betas changed (no bound is assumed)
+
+
 def test_an_optimizer_subclass_gets_no_odometer_and_so_no_finite_verdict():
     """A subclass may change the update rule: no bound is assumed, only non-finite values count."""
     class MyAdamW(torch.optim.AdamW):
