@@ -277,6 +277,7 @@ def check_rows(t: Timers, cb: Any, tr: Any) -> None:
     if cb.zclip is None:  # ZClip's functions are timed (PATCHED) but only run with ZClip on
         for _, _, lab in PATCHED:
             every[lab] = None
+    every[PATCHED[0][2]] = None  # scale_gradients: only on a step ZClip clips
     if not getattr(args, "max_grad_norm", 0):  # the Trainer computes no norm then
         for lab in ("wrapper: _get_grad_norm", CLIP_ROWS[0]):
             every[lab] = None

@@ -150,13 +150,12 @@ class Healer:
         return False
 
     def begin_step(self) -> None:
-        self.step_flagged = False
-        self.step_exception_kind = 0
+        self.step_flagged, self.step_exception_kind = False, 0
 
     def step_signals(self, step: int, loss: Any, grad_norm: Any, exception: BaseException | None = None,
-                     extra: Iterable[float] | None = None) -> StepSignals:
+                     extra: Iterable[float] | None = None, distributed: bool | None = None) -> StepSignals:
         """The step's facts as numbers, in its one host sync (`StepReader.step_signals`)."""
-        return self.reader.step_signals(step, loss, grad_norm, exception, extra)
+        return self.reader.step_signals(step, loss, grad_norm, exception, extra, distributed)
 
     def note_exception(self, exc: BaseException, failure: FailureKind) -> None:
         """An exception inside this step's forward/backward that the step loop heals by skipping."""
@@ -176,7 +175,8 @@ class Healer:
             if trend is None:
                 if self.zclip is not None and signals.grad_norm is not None:
                     z = self.zclip.observe(signals.grad_norm)
-                    scale_gradients(self.model.parameters(), z.coefficient)
+                    if z.coefficient < 1.0:  # (the model's parameters are read only when it clips)
+                        scale_gradients(self.model.parameters(), z.coefficient)
                     info["zclip"] = z
                 self.notify("on_step", step, signals, info)
                 return None

@@ -37,9 +37,10 @@ class PreemptionAgreement:
         which also carries this rank's preemption flag and its own step time for stragglers)."""
         if not is_distributed():
             self.agreed = self.signal or 0
-            return self.engine.step_signals(step, loss, grad_norm, exception)
+            return self.engine.step_signals(step, loss, grad_norm, exception, distributed=False)
         own = watchdog.watchdog.take_own_seconds() if watchdog is not None else 0.0  # stragglers
-        out = self.engine.step_signals(step, loss, grad_norm, exception, extra=[float(self.signal or 0), own])
+        out = self.engine.step_signals(step, loss, grad_norm, exception, extra=[float(self.signal or 0), own],
+                                       distributed=True)
         rows = self.engine.rank_rows
         if watchdog is not None:  # each rank's own step time: a persistent straggler is named
             watchdog.watchdog.observe_rank_times([r[4] for r in rows], step)

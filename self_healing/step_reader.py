@@ -48,10 +48,11 @@ class StepReader:
         self._opt: Any = None
 
     def step_signals(self, step: int, loss: Any, grad_norm: Any, exception: BaseException | None = None,
-                     extra: Iterable[float] | None = None) -> StepSignals:
+                     extra: Iterable[float] | None = None, distributed: bool | None = None) -> StepSignals:
         """The step's facts as numbers, in its one host sync. `loss`/`grad_norm` may be device
         tensors. Under torch.distributed every rank's (loss, norm, exception code, *extra) travel
-        in one all_gather and every rank returns the same signals (`rank_rows` keeps the rows)."""
+        in one all_gather and every rank returns the same signals (`rank_rows` keeps the rows).
+        `distributed`: `is_distributed()`, where the caller has just asked it."""
         h = self.healer
         _, raw, scheduler = h.live_objects()
         if raw is not self._wrapped:  # the torch optimizer inside the loop's wrapper: unwrapped once per object
@@ -59,7 +60,7 @@ class StepReader:
         opt = self._opt
         lrs = [g["lr"] for g in opt.param_groups]
         reference = scheduled_lrs(raw, scheduler, opt) or h.lr_reference
-        if is_distributed():
+        if distributed if distributed is not None else is_distributed():
             own = _lr_ratio(lrs, reference)  # travels last in the row: the extras keep their places
             loss_f, norm_f, exception = self.gathered(loss, grad_norm, exception, [*(extra or ()), own])
             worst = max(r[-1] for r in h.rank_rows or [[own]])
