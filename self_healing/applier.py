@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from .decider import Decision, ExceptionDecision, Finding
 from .detectors import compare_state
 from .diagnosis import Action, Diagnosis
-from .healing import restore_scheduled_lr, scale_lr, tighten_clipping
+from .healing import fisher_weighted_rollback, restore_scheduled_lr, scale_lr, tighten_clipping
 from .snapshot import SnapshotError
 
 logger = logging.getLogger("self_healing")
@@ -58,7 +58,14 @@ class Applier:
             h.note_update_undone()
         step = finding.step
         if finding.kind == "failure":
-            return h.handle([finding.detection], step, before_update=True)
+            if finding.fisher_weights is None:
+                return h.handle([finding.detection], step, before_update=True)
+            params, importance = finding.fisher_weights
+            before = [p.detach().clone() for p in params]
+            decision = h.handle([finding.detection], step, before_update=True)
+            if decision is not None and decision.rolled_back_to is not None:
+                fisher_weighted_rollback(params, before, importance)
+            return decision
         diag = finding.diagnosis
         if finding.kind == "advisory":
             return self.apply_advisory(diag, step)

@@ -69,7 +69,11 @@ class Finding:
     - `record`: `diagnosis` is recorded only (observe mode, or what the observer did itself).
 
     `update_undone`: the observer put the weights back after the step's update (the probe check):
-    the step counts as skipped and verifies no snapshot."""
+    the step counts as skipped and verifies no snapshot.
+    `fisher_weights` (a failure's): (parameters, importance per parameter, None for "all"): if the
+    decision rolls back, the rollback is Fisher-weighted, w = snapshot + (1 - importance)
+    (w_before - snapshot), so the weights that matter most return to the snapshot and the rest
+    keep their recent progress."""
 
     kind: str
     step: int
@@ -77,6 +81,7 @@ class Finding:
     diagnosis: Diagnosis | None = None
     snapshot: StateReport | None = None
     update_undone: bool = False
+    fisher_weights: tuple[list[Any], list[Any]] | None = None
 
     KINDS = ("failure", "advisory", "warning", "record")
 
@@ -87,6 +92,8 @@ class Finding:
             raise ValueError("Finding.kind='failure' needs a detection")
         if self.kind != "failure" and (self.diagnosis is None or self.detection is not None):
             raise ValueError(f"Finding.kind={self.kind!r} needs a diagnosis and no detection")
+        if self.fisher_weights is not None and self.kind != "failure":
+            raise ValueError(f"Finding.kind={self.kind!r}: only a failure's rollback can be Fisher-weighted")
 
 
 # ---------------------------------------------------------------------------------------------

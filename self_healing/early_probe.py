@@ -26,7 +26,7 @@ import torch
 
 from . import compat
 from .diagnosis import REFERENCES, Action, Diagnosis, FailureKind
-from .signals import (Calibrator, FisherEMA, autograd_hvp, finite_difference_hvp, fisher_interpolate, hutchinson_trace,
+from .signals import (Calibrator, FisherEMA, autograd_hvp, finite_difference_hvp, hutchinson_trace,
                       power_iteration, sam_sharpness)
 from .snapshot import copy_into, host_buffer, model_tensors, unwrap_optimizer
 
@@ -269,15 +269,6 @@ class FisherEWC:
     def importance(self) -> list[torch.Tensor | None] | None:
         """Fisher / its mean, None before the first update."""
         return self.fisher.importance("mean") if self.fisher.updates else None
-
-    @staticmethod
-    def weigh_rollback(params: list[torch.Tensor], before: list[torch.Tensor], imp: Any) -> None:
-        """Fisher-weighted rollback of the just-restored `params`: w = snapshot + (1 - importance)
-        (w_before - snapshot), so the weights that matter most stay closest to the snapshot."""
-        restored = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            compat.foreach_copy_(params, before)
-        fisher_interpolate(params, restored, imp)
 
     def set_anchor(self, params: list[torch.Tensor], until: int) -> None:
         """The weights were just restored: they are the anchor the pull holds the run near."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -285,13 +286,11 @@ class EarlyWarning(TrainerCallback):
             self.cb.engine.act_on(finding)
             return False
         imp = self.fisher_ewc.importance() if self.fisher_ewc is not None else None
-        params = self._params()
-        current = [p.detach().clone() for p in params] if imp is not None else None
+        if imp is not None:  # a rollback, if decided, is Fisher-weighted (by the engine)
+            finding = replace(finding, fisher_weights=(self._params(), imp))
         decision = self.cb.engine.act_on(finding)
         self.cb.apply_decision(decision, control)  # the Trainer's part: stop it if the engine gave up
-        if current is not None and decision is not None and decision.rolled_back_to is not None:
-            # Fisher-weighted rollback: w = snapshot + (1 - importance) (w_before - snapshot)
-            self.fisher_ewc.weigh_rollback(params, current, imp)
+        if imp is not None and decision is not None and decision.rolled_back_to is not None:
             self.summary["fisher"]["fisher_weighted_rollbacks"] += 1
         self._warning_since = None
         return True

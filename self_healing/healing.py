@@ -145,6 +145,20 @@ def skip_update(model: Any) -> None:
         p.grad = None
 
 
+def fisher_weighted_rollback(params: list[Any], before: list[Any], importance: list[Any]) -> None:
+    """The just-restored `params` become snapshot + (1 - importance) (before - snapshot):
+    `before` is what they held before the rollback, importance the Fisher over its mean, clipped
+    at 1 (None for a parameter: a plain rollback of it)."""
+    import torch
+
+    from .signals import fisher_interpolate
+
+    restored = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        compat.foreach_copy_(params, before)
+    fisher_interpolate(params, restored, importance)
+
+
 def scale_lr(optimizer: Any, scheduler: Any, factor: float) -> dict[str, Any]:
     """Multiply the LR so the change *persists*: param groups, their `initial_lr`, and the
     scheduler's `base_lrs` (HF schedulers recompute the LR from those every step)."""

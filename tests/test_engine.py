@@ -420,3 +420,33 @@ def test_an_observers_findings_are_acted_on_by_the_engine_alone():
         Finding("alarm", 1, diagnosis=diag)
     with pytest.raises(ValueError, match="needs a detection"):
         Finding("failure", 1, diagnosis=diag)
+
+
+def test_a_findings_rollback_is_fisher_weighted_by_the_engine():
+    """The early-warning signals hand their Fisher importance with a failure; the engine, having
+    rolled back, weighs it: w = snapshot + (1 - importance) (w_before - snapshot). Importance 1
+    is a plain rollback, 0 keeps the weights as they were, None rolls that parameter back."""
+    from self_healing.decider import Finding
+
+    def run(weighted):
+        healer, model, opt = _setup()
+        for s in range(1, 13):
+            _step(healer, model, opt, s)
+        before, params = _weights(model), list(model.parameters())
+        importance = [torch.full_like(params[0], 0.25), torch.zeros_like(params[1]), None,
+                      torch.ones_like(params[3])]
+        d = healer.act_on(Finding("failure", 13, detection=Detection("instability_forecast", 13, {"lr_cause": False}),
+                                  fisher_weights=(params, importance) if weighted else None))
+        assert d is not None and d.rolled_back_to == 5  # the newest verified snapshot
+        return before, _weights(model)
+
+    before, snapshot = run(weighted=False)  # a plain rollback: the snapshot's weights
+    before2, w = run(weighted=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, before2))  # the same run twice
+    assert not torch.equal(before[0], snapshot[0])
+    assert torch.allclose(w[0], snapshot[0] + 0.75 * (before[0] - snapshot[0]))
+    assert torch.equal(w[1], before[1])  # importance 0: kept
+    assert torch.equal(w[2], snapshot[2]) and torch.equal(w[3], snapshot[3])  # None, 1: rolled back
+    with pytest.raises(ValueError, match="only a failure's rollback"):
+        Finding("record", 1, diagnosis=Diagnosis(FailureKind.PROBE_REGRESSION, "x", {}, [], [], 1),
+                fisher_weights=(before, before))
