@@ -163,7 +163,7 @@ def value_problems(cfg: "HealingConfig") -> list[str]:
     num_in("hang_startup_seconds", 0.0, 1e7, lo_open=True)
     num_in("hang_save_seconds", 0.0, 1e7, lo_open=True)
     num_in("hang_factor", 1.0, 1e6)
-    from .watchdog import PHASES as _PHASES
+    from .phases import PHASES as _PHASES
 
     hps = cfg.hang_phase_seconds
     need(hps is None or (isinstance(hps, dict) and all(

@@ -293,7 +293,6 @@ class RewardCollapseMonitor:
         span = self.drop.update(step, dropped)
         if span < cfg.reward_collapse_patience_steps or self.drop.count < 2:
             return []
-        start = self.drop.start
         self.drop.reset()
         ev = {"smoothed_reward": self.ema, "best_smoothed_reward": self.best, "best_step": self.best_step,
               "initial_smoothed_reward": self.first, "steps": span, "drop_fraction": cfg.reward_drop_fraction}

@@ -63,15 +63,12 @@ from typing import Any
 
 from . import compat
 from .facade import forwarded
-from .goodput import GOODPUT_PARTS, PHASE_PART, STRAGGLER_FACTOR, STRAGGLER_MIN_SECONDS, STRAGGLER_WINDOW, Goodput, \
-    Stragglers
+from .goodput import GOODPUT_PARTS, Goodput
 from .grace import PreemptionGrace, fast_state_info
-from .compat import (TRAINER_INNER_LOOP, TRAINER_LOAD_BEST_MODEL, TRAINER_LOAD_OPTIMIZER, TRAINER_SAVE_CHECKPOINT,
-                     TRL_GENERATION, flight_recorder)
-from .hangs import (HANG_DIR, HANG_EXIT_CODE, HEARTBEAT_FILE_SECONDS, PEER_WAIT_SECONDS, REPORT_TIMEOUT,
-                    HangDetector, debugger_or_notebook, flight_recorder_summary,
-                    hang_dir, heartbeat_path, looks_like_peer_loss, ranks_behind, read_heartbeats)
-from .phases import HISTORY, IDLE, LONG_PHASES, PHASES, STEP_PHASES, WARMUP, PhaseClock, rank_info
+from .compat import TRAINER_INNER_LOOP, TRAINER_LOAD_BEST_MODEL, TRAINER_LOAD_OPTIMIZER, TRAINER_SAVE_CHECKPOINT, \
+    TRL_GENERATION
+from .hangs import HANG_EXIT_CODE, HangDetector, heartbeat_path, read_heartbeats
+from .phases import IDLE, PhaseClock
 
 logger = logging.getLogger("self_healing")
 
