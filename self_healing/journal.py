@@ -6,11 +6,11 @@ SIGKILL, the kernel OOM killer, a segfault or a power cut give the process no ch
 
 - `open` (the run: id, pid, host, trainer, max_steps, the redacted HealingConfig), written with the
   file, atomically;
-- `progress` after every optimizer step (step, loss, grad norm, LR): a binary record in the
-  memory-mapped step ring beside the journal (`healing-journal.steps`, the last 64 steps, see
-  `step_ring`), **not** fsynced and with no system call. The mapping is the kernel's page cache, so
-  it survives the process being killed (only a power cut can lose the last few steps). Where no
-  shared mapping can be made, the record is a line here instead (one `write()`, no fsync);
+- `progress` after every optimizer step (step, loss, grad norm, LR): a 64-byte binary record
+  `pwrite()`-n into its slot of the step ring beside the journal (`healing-journal.steps`, the
+  last 64 steps, see `step_ring`), **not** fsynced. The page cache belongs to the kernel, so it
+  survives the process being killed (only a power cut can lose the last few steps). Where the
+  ring cannot be created, the record is a line here instead (one `write()`, no fsync);
 - `metrics` at each Trainer log (not fsynced);
 - decisions, **flushed and fsynced** as they happen: `event` (a detection and what was done:
   skip, rollback, LR/batch change, give up...), `checkpoint` (the Trainer saved one), `resume`
@@ -163,6 +163,8 @@ class JournalState:
         self.compactions = 0
         self.records = 0
         self.bad_lines = 0
+        self.ring_records = 0
+        """The last this many of `progress` came from the step ring: a compaction leaves them there."""
 
     # ------------------------------------------------------------------------------------------
     def apply(self, rec: dict[str, Any]) -> None:
@@ -213,6 +215,7 @@ class JournalState:
     def add_steps(self, records: list[dict[str, Any]]) -> None:
         """Progress records read from the step ring (`step_ring`), oldest first: the latest steps,
         newer than any progress line of the file (the ring took them over), as old as its time says."""
+        self.ring_records += len(records)
         for rec in records:
             self.progress.append(rec)
             self.last_step = rec["step"]
@@ -251,7 +254,8 @@ class JournalState:
                              "metrics": self.metrics, "last_step": self.last_step,
                              "compactions": self.compactions + 1}]
         out += [{"kind": "event", "kept": True, "event": ev} for ev in events]
-        out += list(self.marks) + list(self.progress)
+        lines = list(self.progress)
+        out += list(self.marks) + lines[:max(len(lines) - self.ring_records, 0)]
         if self.closed is not None:
             out.append(self.closed)
         return out
@@ -274,8 +278,9 @@ class CrashJournal:
         self.run_id: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """A copy (deepcopy of a callback list) writes no steps: the mapping is this object's."""
-        return {**self.__dict__, "_ring": None}
+        """A copy (a deep-copied callback list) is closed: the files belong to this object, and a
+        second writer of them would interleave its steps with this one's."""
+        return {**self.__dict__, "_ring": None, "_fd": None}
 
     @property
     def is_open(self) -> bool:
@@ -320,7 +325,7 @@ class CrashJournal:
             os.replace(self.path, prev)
         try:  # its steps go with it (a ring is read only beside the journal of its run id)
             os.replace(ring_path(self.path), ring_path(prev))
-        except FileNotFoundError:
+        except OSError:  # none, or something odd in its place: the steps are optional, the journal is not
             pass
 
     def _open_fd(self) -> None:

@@ -227,12 +227,10 @@ class _OptimizerReach:
         self.peak: dict[int, float] = {}
         self.sizes: dict[int, tuple[list, int, int]] = {}
         """Per param group: (its params list, its length, its elements), for `elements`."""
-        self.steady: list[tuple[list, int, tuple, float, float, float]] | None = None
+        self.steady: list[tuple[list, int, tuple, float, float, float, list]] | None = None
         """Adam's usual step, per group: (params list, its length, betas as seen, b1, b2,
-        sqrt(elements)), once every group has stepped; `_steady_step` then needs no call per group."""
-        self.per_step: tuple[int, float, float, list[float]] = (0, math.nan, math.nan, [])
-        """adam_update_bound(b1, b2, t) for 256 steps from `t`, for the first stepping group's betas:
-        a lookup per step instead of a (cold) call."""
+        sqrt(elements), [t0, adam_update_bound(b1, b2, t) for the 256 steps from t0]);
+        `_steady_step` then needs no call per group, the bound is a lookup."""
         self.handle = None
         if self.known:
             ref = weakref.ref(self)
@@ -243,6 +241,14 @@ class _OptimizerReach:
                     me.after_step(optimizer)
 
             self.handle = opt.register_step_post_hook(hook)
+            if hasattr(opt, "register_load_state_dict_post_hook"):
+                def loaded(optimizer):  # its step counts may be anyone's now: read them again
+                    me = ref()
+                    if me is not None:
+                        me.steps.clear()
+                        me.steady = None
+
+                opt.register_load_state_dict_post_hook(loaded)
 
     def after_step(self, opt: Any) -> None:
         try:
@@ -293,7 +299,10 @@ class _OptimizerReach:
             if type(betas) is not tuple or len(betas) != 2 or not all(type(x) is float for x in betas) \
                     or self.betas.get(gi, betas) != betas:
                 return None
-            steady.append((g["params"], len(g["params"]), betas, *betas, math.sqrt(self.elements(gi, g["params"]))))
+            table = self.steady[gi][6] if self.steady is not None and gi < len(self.steady) \
+                and self.steady[gi][2] == betas else [0, []]
+            steady.append((g["params"], len(g["params"]), betas, *betas, math.sqrt(self.elements(gi, g["params"])),
+                           table))
         return steady
 
     def _steady_step(self, groups: list[dict[str, Any]]) -> bool:
@@ -307,7 +316,7 @@ class _OptimizerReach:
             return False
         total, growth, moved = 0.0, 0.0, []
         for gi, group in enumerate(groups):
-            params, n, betas, b1, b2, root = steady[gi]
+            params, n, betas, b1, b2, root, table = steady[gi]
             lr, wd = group["lr"], group.get("weight_decay")
             if (group["params"] is not params or len(params) != n or type(lr) is not float or type(wd) is not float
                     or group.get("betas") != betas):
@@ -317,16 +326,12 @@ class _OptimizerReach:
             if gi not in steps:  # its first step: the general path reads its saved step count
                 return False
             t = steps[gi] + 1
-            base, tb1, tb2, table = self.per_step
-            k = t - base
-            if tb1 == b1 and tb2 == b2 and 0 <= k < len(table):
-                per = table[k]
-            elif not moved:  # the first group that steps owns the table
-                table = [adam_update_bound(b1, b2, t + i) for i in range(256)]
-                self.per_step = (t, b1, b2, table)
-                per = table[0]
-            else:  # a later group with other betas or steps (rare): computed, not tabled
-                per = adam_update_bound(b1, b2, t)
+            k = t - table[0]
+            if 0 <= k < len(table[1]):
+                per = table[1][k]
+            else:  # the group's next 256 steps (the list is replaced, so a refusal below changes nothing)
+                table[0], table[1] = t, [adam_update_bound(b1, b2, t + i) for i in range(256)]
+                per = table[1][0]
             if per == math.inf:
                 return False
             moved.append((gi, t))

@@ -1,25 +1,30 @@
-"""The crash journal's per-step records, in a small memory-mapped ring: `healing-journal.steps`.
+"""The crash journal's per-step records, in a small ring file: `healing-journal.steps`.
 
-A JSON line per optimizer step costs a `write()` system call and the text of three floats, and
-right after backward and the optimizer step (every cache cold) that was 30-100 us of the step's
-host time. Here a step is one `struct.pack_into` into a shared mapping of a 4 KiB file: no system
-call, no text (~15 us cold). The mapping is the kernel's page cache, so the bytes are there the
-moment they are copied: a SIGKILL or the OOM killer loses nothing a `write()` would have kept,
-and a power cut can lose the last steps in both cases (neither is fsynced).
+A JSON line per optimizer step costs the text of three floats and a `write()` call, and right
+after backward and the optimizer step (every cache cold) that was 70-100 us of the step's host
+time. Here a step is one 64-byte binary record `pwrite()`-n into its slot of a 4 KiB file
+(~30-45 us cold). Like the `write()` it replaces it lands in the kernel's page cache, so a SIGKILL
+or the OOM killer loses nothing, and a power cut can lose the last steps (neither is fsynced).
+
+Not a memory mapping, though that would be ~15 us: a store into a mapped page whose file was
+truncated, or whose filesystem cannot allocate it (copy-on-write btrfs/ZFS or NFS with a full
+disk), is a SIGBUS that kills the training process, where `pwrite()` returns an error the journal
+reports and training survives.
 
 Layout, little-endian: a 64-byte header (magic, version, slot count, slot size, the journal's run
 id), then `SLOTS` slots of 64 bytes: seq, step, time, loss, grad_norm, lr, flags, seq. Record n
-goes in slot n % SLOTS. A slot whose two seq fields differ was torn by a kill inside the copy and
-is skipped; a ring whose run id is not its journal's (an earlier run's, or a kill between creating
-the two files) is ignored. The JSONL journal stays the record of everything else.
+goes in slot n % SLOTS. A slot whose two seq fields differ is skipped; a ring whose run id is not
+its journal's (an earlier run's, or a kill between creating the two files) is ignored. A process
+forked from the writer (a DataLoader worker) writes nothing. The JSONL journal stays the record of
+everything else.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,21 @@ def _float(x: Any) -> float | None:
         return None
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_LIVE: "weakref.WeakSet[StepRing]" = weakref.WeakSet()
+
+
+def _forget_rings_in_child() -> None:
+    """A forked child shares the writer's descriptor: its records would reuse the parent's
+    sequence numbers. It writes none (and does not close the parent's file)."""
+    for ring in list(_LIVE):
+        ring._fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_rings_in_child)
+
+
 class StepRing:
     """The writer: `add()` one record per optimizer step. Created empty for a run id."""
 
@@ -58,20 +78,37 @@ class StepRing:
         self.path = Path(path)
         header = _HEADER.pack(MAGIC, VERSION, SLOTS, SLOT_BYTES, run_id.encode("ascii")[:32])
         atomic_write_bytes(self.path, header.ljust(HEADER_BYTES, b"\0") + bytes(SLOTS * SLOT_BYTES))
-        fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-        try:
-            self._mm: mmap.mmap | None = mmap.mmap(fd, HEADER_BYTES + SLOTS * SLOT_BYTES)
-        finally:
-            os.close(fd)  # the mapping keeps its own reference
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         self._seq = 0
-        self._pack = _SLOT.pack_into
+        self._last_step: int | None = None
+        _LIVE.add(self)
 
-    def add(self, step: int, time: float, loss: Any, grad_norm: Any, lr: Any, skipped: bool = False) -> None:
-        seq = self._seq = self._seq + 1
-        if type(step) is int and type(loss) is float and type(grad_norm) is float and type(lr) is float:
-            self._pack(self._mm, HEADER_BYTES + (seq % SLOTS) * SLOT_BYTES, seq, step, time, loss, grad_norm, lr,
-                       SKIPPED if skipped else 0, seq)
+    def add(self, step: Any, time: float, loss: Any, grad_norm: Any, lr: Any, skipped: bool = False) -> None:
+        """One step's record. Raises only what `pwrite()` raises (the disk); odd values are kept
+        as well as a record can hold them (None for what is not a number; a step that is not an
+        int64 is not recorded)."""
+        fd = self._fd
+        if fd is None:
             return
+        seq = self._seq + 1
+        if type(step) is int and type(loss) is float and type(grad_norm) is float and type(lr) is float \
+                and _INT64[0] <= step <= _INT64[1]:
+            data = _SLOT.pack(seq, step, time, loss, grad_norm, lr, SKIPPED if skipped else 0, seq)
+        else:
+            data = self._odd(seq, step, time, loss, grad_norm, lr, skipped)
+            if data is None:
+                return
+        os.pwrite(fd, data, HEADER_BYTES + (seq % SLOTS) * SLOT_BYTES)
+        self._seq, self._last_step = seq, step
+
+    @staticmethod
+    def _odd(seq: int, step: Any, time: float, loss: Any, grad_norm: Any, lr: Any, skipped: bool) -> bytes | None:
+        try:
+            step = int(step)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if not _INT64[0] <= step <= _INT64[1]:
+            return None
         flags = SKIPPED if skipped else 0
         vals = []
         for x, missing in ((loss, NO_LOSS), (grad_norm, NO_GRAD_NORM), (lr, NO_LR)):
@@ -80,23 +117,23 @@ class StepRing:
                 flags |= missing
                 f = 0.0
             vals.append(f)
-        self._pack(self._mm, HEADER_BYTES + (seq % SLOTS) * SLOT_BYTES, seq, int(step), float(time), *vals, flags, seq)
+        return _SLOT.pack(seq, step, float(time), *vals, flags, seq)
 
     def last_step(self) -> int | None:
-        if self._seq == 0 or self._mm is None:
-            return None
-        return _SLOT.unpack_from(self._mm, HEADER_BYTES + (self._seq % SLOTS) * SLOT_BYTES)[1]
+        """The step of the last record written."""
+        return self._last_step
 
     def close(self) -> None:
-        if self._mm is not None:
+        fd, self._fd = self._fd, None
+        _LIVE.discard(self)
+        if fd is not None:
             try:
-                self._mm.close()
-            except (BufferError, ValueError):
+                os.close(fd)
+            except OSError:
                 pass
-            self._mm = None
 
     def __getstate__(self) -> dict[str, Any]:
-        raise TypeError("a StepRing (a live memory mapping) cannot be copied or pickled")
+        raise TypeError("a StepRing (an open file of its process) cannot be copied or pickled")
 
 
 def _value(f: float, missing: bool) -> Any:

@@ -304,25 +304,28 @@ def test_decisions_are_fsynced_and_healthy_steps_are_not(tmp_path, monkeypatch):
     assert len(calls) == 4
 
 
-def test_a_healthy_step_makes_no_system_call_and_reads_back_as_a_line_would(tmp_path, monkeypatch):
-    """A step's record goes into the memory-mapped step ring (the page cache, which a SIGKILL
-    does not lose) with no write(); read back, it is what the JSON line said, non-finite and
+def test_a_healthy_step_is_one_binary_record_and_reads_back_as_a_line_would(tmp_path, monkeypatch):
+    """A step's record is one pwrite() of 64 bytes into its slot of the step ring (no JSON line,
+    the journal file does not grow); read back, it is what the JSON line said, non-finite and
     missing values included, and the journal of a killed run has it."""
     from self_healing.step_ring import ring_path
 
     p = tmp_path / JOURNAL_NAME
     j = CrashJournal(p)
     j.start({"max_steps": 10})
-    writes = []
-    real = os.write
-    monkeypatch.setattr(os, "write", lambda fd, b: (writes.append(b), real(fd, b))[1])
+    size = p.stat().st_size
+    writes, pwrites = [], []
+    real_write, real_pwrite = os.write, os.pwrite
+    monkeypatch.setattr(os, "write", lambda fd, b: (writes.append(b), real_write(fd, b))[1])
+    monkeypatch.setattr(os, "pwrite", lambda fd, b, off: (pwrites.append(len(b)), real_pwrite(fd, b, off))[1])
     values = [(1, 2.5, 1.0, 1e-3, False), (2, float("nan"), float("inf"), 1e-3, True),
               (3, None, -float("inf"), None, False), (4, 7, True, "x", False)]
     for v in values:
         j.progress(*v)
     for s in range(5, 5 + 100):
         j.progress(s, 1.0, 1.0, 0.1)
-    assert writes == []
+    assert writes == [] and pwrites == [64] * 104 and p.stat().st_size == size
+    monkeypatch.undo()
     j.close_fd()  # killed
     st = read_journal(p)
     assert st.closed is None and st.last_step == 104 and len(st.progress) == 64
@@ -386,13 +389,13 @@ def test_the_previous_runs_steps_go_with_its_journal(tmp_path):
     j.close("completed", 3)
 
 
-def test_without_a_shared_mapping_steps_are_journal_lines(tmp_path, monkeypatch):
-    import mmap
+def test_without_a_step_ring_steps_are_journal_lines(tmp_path, monkeypatch):
+    from self_healing import journal
 
-    def no_mmap(*a, **k):
-        raise OSError(19, "No such device")
+    def no_ring(*a, **k):
+        raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    monkeypatch.setattr(journal, "StepRing", no_ring)
     p = tmp_path / JOURNAL_NAME
     j = CrashJournal(p)
     j.start({"max_steps": 10})
@@ -401,6 +404,90 @@ def test_without_a_shared_mapping_steps_are_journal_lines(tmp_path, monkeypatch)
     j.close_fd()
     assert sum(b'"kind":"progress"' in line for line in p.read_bytes().splitlines()) == 5
     assert read_journal(p).last_step == 5
+
+
+def test_a_truncated_step_ring_costs_its_records_not_the_run(tmp_path):
+    """Someone truncates the ring file under a live run (a cleanup script, `: > file`): the next
+    step's record is written and training goes on. (A memory mapping was tried: a store into a
+    page past the end of the truncated file is a SIGBUS that kills the process; so is one that a
+    copy-on-write filesystem with a full disk cannot allocate.)"""
+    code = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from self_healing.journal import CrashJournal
+from self_healing.step_ring import ring_path
+j = CrashJournal({str(tmp_path / JOURNAL_NAME)!r})
+j.start({{"max_steps": 10}})
+j.progress(1, 1.0, 1.0, 0.1)
+os.truncate(ring_path(j.path), 0)
+for s in range(2, 200):
+    j.progress(s, 1.0, 1.0, 0.1)
+j.close("completed", 199)
+print("ALIVE")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ALIVE" in r.stdout, (r.returncode, r.stderr[-2000:])
+    st = read_journal(tmp_path / JOURNAL_NAME)
+    assert st.closed["exit_reason"] == "completed" and st.closed["last_step"] == 199
+
+
+def test_odd_ring_paths_odd_steps_forks_and_copies_never_cost_the_journal(tmp_path):
+    """The ring is optional: a directory where it or the previous run's ring should be still
+    leaves a working journal; a step that is not an int64 is not recorded (and raises nothing); a
+    forked child (a DataLoader worker) writes no records into its parent's ring; a deep copy is
+    closed."""
+    import copy
+
+    from self_healing.step_ring import ring_path
+
+    p = tmp_path / JOURNAL_NAME
+    j = CrashJournal(p)
+    j.start({"max_steps": 10})
+    j.close("completed", 0)
+    ring_path(tmp_path / PREVIOUS_NAME).mkdir()
+    (ring_path(tmp_path / PREVIOUS_NAME) / "x").write_text("x")
+    j.start({"max_steps": 10})  # the ring cannot move to .prev.steps: the journal starts anyway
+    assert j.is_open
+    for step in (1, 2 ** 64, -(2 ** 70), 3):
+        j.progress(step, 1.0, 1.0, 0.1)
+    j.progress(4.0, 1.0, 1.0, 0.1)
+    pid = os.fork()
+    if pid == 0:  # the child: what a DataLoader worker would do by mistake
+        try:
+            for s in range(100, 110):
+                j.progress(s, 9.0, 9.0, 9.0)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    j.progress(5, 1.0, 1.0, 0.1)
+    dup = copy.deepcopy(j)
+    assert not dup.is_open
+    dup.progress(6, 1.0, 1.0, 0.1)  # a closed copy writes nothing
+    j.close_fd()
+    st = read_journal(p)
+    assert [r["step"] for r in st.progress] == [1, 3, 4, 5] and st.last_step == 5
+    j2 = CrashJournal(tmp_path / "d" / JOURNAL_NAME)
+    ring_path(j2.path).mkdir(parents=True)  # a directory in the ring's place: steps go into the journal
+    j2.start({"max_steps": 10})
+    j2.progress(1, 1.0, 1.0, 0.1)
+    j2.close_fd()
+    assert read_journal(j2.path).last_step == 1
+
+
+def test_recovering_a_killed_run_compacts_without_duplicating_its_steps(tmp_path):
+    p = tmp_path / JOURNAL_NAME
+    j = CrashJournal(p)
+    j.start({"max_steps": 10})
+    for s in range(1, 6):
+        j.progress(s, 1.0, 1.0, 0.1)
+    j.close_fd()  # killed
+    st = read_journal(p)
+    w = CrashJournal(p)
+    w.state = st
+    w._open_fd()
+    w.compact()  # what recover_killed_run's close does when it pushes the file past max_bytes
+    w.close("killed", 5)
+    assert [r["step"] for r in read_journal(p).progress] == [1, 2, 3, 4, 5]
 
 
 def test_compaction_keeps_the_journal_bounded_and_readable(tmp_path):

@@ -159,6 +159,44 @@ def test_the_odometers_steady_path_adds_exactly_what_the_general_one_does(monkey
     assert general[-1][:2] == general[498][:2]  # no odometer once the betas changed (no bound is assumed)
 
 
+def test_the_odometer_tables_each_group_and_rereads_step_counts_after_a_load(monkeypatch):
+    """Two groups with different betas, one stepping every other step: each keeps its own table
+    (one table shared by the first stepping group was refilled nearly every step, 256 bounds each).
+    A later optimizer state loaded mid-run: the step counts the bound grows with are read again,
+    never left behind (a bound too small for the loaded state would condemn healthy weights)."""
+    import copy
+
+    from self_healing import snapshot
+
+    calls = []
+    real = snapshot.adam_update_bound
+    monkeypatch.setattr(snapshot, "adam_update_bound", lambda *a: (calls.append(1), real(*a))[1])
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW([{"params": a.parameters(), "betas": (0.9, 0.999)},
+                             {"params": b.parameters(), "betas": (0.8, 0.99)}], lr=1e-2)
+    info = snapshot.REACH.track(opt)
+    for step in range(1, 301):
+        x = torch.randn(8, 4)
+        (b(x).sum() + (a(x).sum() if step % 2 == 0 else 0)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert len(calls) < 2000, len(calls)
+    later = copy.deepcopy(opt.state_dict())  # group 1 at step 300
+    torch.manual_seed(1)
+    fresh = torch.optim.AdamW([{"params": a.parameters(), "betas": (0.9, 0.999)},
+                               {"params": b.parameters(), "betas": (0.8, 0.99)}], lr=1e-2)
+    fi = snapshot.REACH.track(fresh)
+    for _ in range(3):
+        b(torch.randn(8, 4)).sum().backward()
+        fresh.step()
+        fresh.zero_grad(set_to_none=True)
+    fresh.load_state_dict(later)
+    b(torch.randn(8, 4)).sum().backward()
+    fresh.step()
+    assert fi.steps[1] >= 301
+
+
 def test_an_optimizer_subclass_gets_no_odometer_and_so_no_finite_verdict():
     """A subclass may change the update rule: no bound is assumed, only non-finite values count."""
     class MyAdamW(torch.optim.AdamW):
