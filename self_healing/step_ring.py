@@ -95,14 +95,17 @@ class StepRing:
                 and _INT64[0] <= step <= _INT64[1]:
             data = _SLOT.pack(seq, step, time, loss, grad_norm, lr, SKIPPED if skipped else 0, seq)
         else:
-            data = self._odd(seq, step, time, loss, grad_norm, lr, skipped)
-            if data is None:
+            odd = self._odd(seq, step, time, loss, grad_norm, lr, skipped)
+            if odd is None:
                 return
+            data, step = odd
         os.pwrite(fd, data, HEADER_BYTES + (seq % SLOTS) * SLOT_BYTES)
         self._seq, self._last_step = seq, step
 
     @staticmethod
-    def _odd(seq: int, step: Any, time: float, loss: Any, grad_norm: Any, lr: Any, skipped: bool) -> bytes | None:
+    def _odd(seq: int, step: Any, time: float, loss: Any, grad_norm: Any, lr: Any,
+             skipped: bool) -> tuple[bytes, int] | None:
+        """The record of a step whose values are not the usual int and floats, and the step as an int."""
         try:
             step = int(step)
         except (TypeError, ValueError, OverflowError):
@@ -117,7 +120,7 @@ class StepRing:
                 flags |= missing
                 f = 0.0
             vals.append(f)
-        return _SLOT.pack(seq, step, float(time), *vals, flags, seq)
+        return _SLOT.pack(seq, step, float(time), *vals, flags, seq), step
 
     def last_step(self) -> int | None:
         """The step of the last record written."""

@@ -451,6 +451,7 @@ def test_odd_ring_paths_odd_steps_forks_and_copies_never_cost_the_journal(tmp_pa
     for step in (1, 2 ** 64, -(2 ** 70), 3):
         j.progress(step, 1.0, 1.0, 0.1)
     j.progress(4.0, 1.0, 1.0, 0.1)
+    assert type(j._ring.last_step()) is int and j._ring.last_step() == 4
     pid = os.fork()
     if pid == 0:  # the child: what a DataLoader worker would do by mistake
         try:
