@@ -133,6 +133,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def as_float(x: Any) -> float | None:
+    """x as a float, or None for None, a bool or what is not one number (a string, a tensor of
+    several elements, an int too large for a float)."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        return None
+
+
 def json_safe(obj: Any) -> Any:
     """JSON has no NaN/Inf: write them as strings so the file stays standard and says what happened."""
     if isinstance(obj, float):

@@ -48,6 +48,7 @@ from . import compat
 from .detectors import (EPOCH_KEY, FIRST_LOSS_KEY, GROWTH_KEY, LOSS_KEY, LOSS_SCATTER_KEY, REACH_KEY, StateReport,
                         adam_update_bound, adamax_update_bound, current_losses)
 from .distributed import local_tensor, reshard
+from .io import as_float
 
 
 class SnapshotError(RuntimeError):
@@ -194,15 +195,6 @@ class UpdateReach:
 
 
 REACH = UpdateReach()
-
-
-def _scalar(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError, RuntimeError):
-        return None
 
 
 class _OptimizerReach:
@@ -384,7 +376,7 @@ def _saved_step(opt: Any, group: dict[str, Any]) -> int:
     best = 0
     for p in group["params"]:
         st = opt.state.get(p) if hasattr(opt.state, "get") else None
-        v = _scalar(st.get("step")) if st else None
+        v = as_float(st.get("step")) if st else None
         if v is not None and math.isfinite(v):
             best = max(best, int(v))
     return best
@@ -396,7 +388,7 @@ def _count(ps: list[torch.Tensor]) -> int:
 
 def _decay_growth(lr: float, wd: Any) -> float:
     """Weight decay w <- w (1 - lr wd) scales the norm by |1 - lr wd| <= 1 unless lr wd > 2."""
-    x = lr * (_scalar(wd) or 0.0)
+    x = lr * (as_float(wd) or 0.0)
     return max(1.0, abs(1.0 - x))
 
 
@@ -407,10 +399,10 @@ def _adam_rule(bound_fn):
         if type(lr) is float and type(betas) is tuple and betas == seen and type(wd) is float:
             b1, b2 = seen  # every step of a usual run: plain floats, the betas as before
         else:
-            lr = _scalar(lr)
+            lr = as_float(lr)
             if lr is None or not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 return None, 1.0
-            b1, b2 = _scalar(betas[0]), _scalar(betas[1])
+            b1, b2 = as_float(betas[0]), as_float(betas[1])
             if b1 is None or b2 is None:
                 return None, 1.0
             if me.betas.setdefault(gi, (b1, b2)) != (b1, b2):
@@ -425,14 +417,14 @@ def _adam_rule(bound_fn):
 
 
 def _adagrad_rule(me, opt, gi, group, ps, n):
-    lr = _scalar(group.get("lr"))
-    if lr is None or (_scalar(group.get("lr_decay")) or 0.0) < 0:
+    lr = as_float(group.get("lr"))
+    if lr is None or (as_float(group.get("lr_decay")) or 0.0) < 0:
         return None, 1.0
     return abs(lr) * math.sqrt(n), 1.0  # |g| / sqrt(sum of g^2, g included) <= 1
 
 
 def _rmsprop_rule(me, opt, gi, group, ps, n):
-    lr, alpha, mom = _scalar(group.get("lr")), _scalar(group.get("alpha")), _scalar(group.get("momentum")) or 0.0
+    lr, alpha, mom = as_float(group.get("lr")), as_float(group.get("alpha")), as_float(group.get("momentum")) or 0.0
     if lr is None or alpha is None or group.get("centered") or not (0.0 <= alpha < 1.0) or not (0.0 <= mom < 1.0):
         return None, 1.0
     per = 1.0 / math.sqrt(1.0 - alpha) / (1.0 - mom)  # |g| / sqrt(v) <= 1/sqrt(1-alpha); momentum sums it
@@ -442,7 +434,7 @@ def _rmsprop_rule(me, opt, gi, group, ps, n):
 def _sgd_rule(me, opt, gi, group, ps, n):
     """w <- w - lr (g + wd w) without momentum; w <- w - lr buf with it; nesterov:
     w <- w - lr (g + wd w + mu buf). Bound: lr (||g|| + max(mu, 1) ||buf||), times |1 - lr wd|."""
-    lr, mom = _scalar(group.get("lr")), _scalar(group.get("momentum")) or 0.0
+    lr, mom = as_float(group.get("lr")), as_float(group.get("momentum")) or 0.0
     if lr is None or mom < 0:
         return None, 1.0
     ps = [p for p in ps if p.grad is not None]  # the parameters this step moved
@@ -475,8 +467,8 @@ def _adafactor_rule(me, opt, gi, group, ps, n):
     """transformers' Adafactor: the update's RMS is clipped to `clip_threshold` per tensor, then
     multiplied by the LR: `lr` or, with `relative_step`, min(1e-2, ...) <= 1e-2; with
     `scale_parameter` also by max(eps2, RMS(p)) (multiplicative growth, no first moment)."""
-    clip = _scalar(group.get("clip_threshold"))
-    r = 1e-2 if group.get("relative_step") else _scalar(group.get("lr"))
+    clip = as_float(group.get("clip_threshold"))
+    r = 1e-2 if group.get("relative_step") else as_float(group.get("lr"))
     if clip is None or r is None or clip < 0:
         return None, 1.0
     r = abs(r)
@@ -486,7 +478,7 @@ def _adafactor_rule(me, opt, gi, group, ps, n):
         if momentum:
             return None, 1.0
         eps = group.get("eps")
-        eps2 = _scalar(eps[1]) if isinstance(eps, (tuple, list)) and len(eps) == 2 else None
+        eps2 = as_float(eps[1]) if isinstance(eps, (tuple, list)) and len(eps) == 2 else None
         if eps2 is None:
             return None, 1.0
         return r * clip * eps2 * n, (1.0 + r * clip) * _decay_growth(r, group.get("weight_decay"))

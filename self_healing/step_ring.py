@@ -28,7 +28,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_bytes
+from .io import as_float, atomic_write_bytes, json_safe
 
 SUFFIX = ".steps"
 MAGIC = b"SHSTEPS1"
@@ -45,15 +45,6 @@ SKIPPED, NO_LOSS, NO_GRAD_NORM, NO_LR = 1, 2, 4, 8
 def ring_path(journal: str | os.PathLike) -> Path:
     """`healing-journal.steps` beside `healing-journal.jsonl` (`.prev.steps` beside `.prev.jsonl`)."""
     return Path(journal).with_suffix(SUFFIX)
-
-
-def _float(x: Any) -> float | None:
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        return float(x)
-    except (TypeError, ValueError, OverflowError):
-        return None
 
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -115,7 +106,7 @@ class StepRing:
         flags = SKIPPED if skipped else 0
         vals = []
         for x, missing in ((loss, NO_LOSS), (grad_norm, NO_GRAD_NORM), (lr, NO_LR)):
-            f = _float(x)
+            f = as_float(x)
             if f is None:
                 flags |= missing
                 f = 0.0
@@ -141,11 +132,7 @@ class StepRing:
 
 def _value(f: float, missing: bool) -> Any:
     """As the JSONL journal wrote it: None, a finite float, or "nan"/"inf"/"-inf" (JSON has no NaN)."""
-    if missing:
-        return None
-    if math.isfinite(f):
-        return f
-    return "nan" if f != f else ("inf" if f > 0 else "-inf")
+    return None if missing else json_safe(f)
 
 
 def read_ring(path: str | os.PathLike, run_id: Any) -> list[dict[str, Any]]:

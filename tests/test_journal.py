@@ -271,13 +271,18 @@ def test_a_journal_whose_run_wrote_its_postmortem_is_not_called_killed(tmp_path)
     assert read_journal(out / JOURNAL_NAME).closed["recovered"] == "postmortem existed"
 
 
+def _journal_with_steps(path, last, loss=1.0):
+    """An open journal at `path` whose run recorded steps 1..`last`."""
+    j = CrashJournal(path)
+    j.start({"max_steps": 10})
+    for s in range(1, last + 1):
+        j.progress(s, loss, 1.0, 0.1)
+    return j
+
+
 def test_torn_and_garbage_lines_are_skipped(tmp_path):
     p = tmp_path / JOURNAL_NAME
-    j = CrashJournal(p)
-    j.start({"max_steps": 10})
-    for s in range(1, 6):
-        j.progress(s, 1.0, 1.0, 0.1)
-    j.close_fd()
+    _journal_with_steps(p, 5).close_fd()
     with open(p, "ab") as f:
         f.write(b"\xff\xfe not json\n" + b"[1, 2]\n" + b'{"kind": "progress", "step": "x"}\n' + b"{" * 10 + b"\n"
                 + b"x" * 70000 + b"\n" + b'{"kind":"progress","step":6,"ti')  # torn: the kill landed in write()
@@ -348,11 +353,7 @@ def test_a_torn_step_record_and_another_runs_ring_are_ignored(tmp_path):
     from self_healing.step_ring import HEADER_BYTES, SLOT_BYTES, SLOTS, ring_path
 
     p = tmp_path / JOURNAL_NAME
-    j = CrashJournal(p)
-    j.start({"max_steps": 10})
-    for s in range(1, 11):
-        j.progress(s, 1.0, 1.0, 0.1)
-    j.close_fd()
+    _journal_with_steps(p, 10).close_fd()
     ring = ring_path(p)
     data = bytearray(ring.read_bytes())
     off = HEADER_BYTES + (10 % SLOTS) * SLOT_BYTES  # step 10's slot, torn: its trailing seq is the old one
@@ -360,11 +361,7 @@ def test_a_torn_step_record_and_another_runs_ring_are_ignored(tmp_path):
     ring.write_bytes(bytes(data))
     st = read_journal(p)
     assert st.last_step == 9 and [r["step"] for r in st.progress] == list(range(1, 10))
-    other = CrashJournal(tmp_path / "other.jsonl")
-    other.start({"max_steps": 10})
-    for s in range(1, 31):
-        other.progress(s, 1.0, 1.0, 0.1)
-    other.close_fd()
+    _journal_with_steps(tmp_path / "other.jsonl", 30).close_fd()
     os.replace(ring_path(tmp_path / "other.jsonl"), ring)  # a kill between the two files: not this run's steps
     st = read_journal(p)
     assert st.last_step is None and list(st.progress) == []
@@ -372,19 +369,13 @@ def test_a_torn_step_record_and_another_runs_ring_are_ignored(tmp_path):
 
 def test_the_previous_runs_steps_go_with_its_journal(tmp_path):
     p = tmp_path / JOURNAL_NAME
-    j = CrashJournal(p)
-    j.start({"max_steps": 10})
-    for s in range(1, 8):
-        j.progress(s, 1.0, 1.0, 0.1)
-    j.close("completed", 7)
-    j.start({"max_steps": 10})
-    for s in range(1, 4):
-        j.progress(s, 2.0, 1.0, 0.1)
+    _journal_with_steps(p, 7).close("completed", 7)
+    j = _journal_with_steps(p, 3, loss=2.0)
     assert read_journal(tmp_path / PREVIOUS_NAME).last_step == 7
     assert [r["loss"] for r in read_journal(p).progress] == [2.0, 2.0, 2.0]
     import copy
 
-    dup = copy.deepcopy(j)  # a deep-copied callback list: the copy does not share the mapping
+    dup = copy.deepcopy(j)  # a deep-copied callback list: the copy does not share the ring
     assert dup._ring is None and j._ring is not None
     j.close("completed", 3)
 
@@ -397,11 +388,7 @@ def test_without_a_step_ring_steps_are_journal_lines(tmp_path, monkeypatch):
 
     monkeypatch.setattr(journal, "StepRing", no_ring)
     p = tmp_path / JOURNAL_NAME
-    j = CrashJournal(p)
-    j.start({"max_steps": 10})
-    for s in range(1, 6):
-        j.progress(s, 1.0, 1.0, 0.1)
-    j.close_fd()
+    _journal_with_steps(p, 5).close_fd()
     assert sum(b'"kind":"progress"' in line for line in p.read_bytes().splitlines()) == 5
     assert read_journal(p).last_step == 5
 
@@ -477,11 +464,7 @@ def test_odd_ring_paths_odd_steps_forks_and_copies_never_cost_the_journal(tmp_pa
 
 def test_recovering_a_killed_run_compacts_without_duplicating_its_steps(tmp_path):
     p = tmp_path / JOURNAL_NAME
-    j = CrashJournal(p)
-    j.start({"max_steps": 10})
-    for s in range(1, 6):
-        j.progress(s, 1.0, 1.0, 0.1)
-    j.close_fd()  # killed
+    _journal_with_steps(p, 5).close_fd()  # killed
     st = read_journal(p)
     w = CrashJournal(p)
     w.state = st
