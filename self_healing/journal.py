@@ -306,7 +306,7 @@ class CrashJournal:
         self._size = len(data)
         try:
             self._ring = StepRing(ring_path(self.path), self.run_id)
-        except (OSError, ValueError) as exc:  # no shared mappings here: a JSON line per step instead
+        except (OSError, ValueError) as exc:  # no ring file here: a JSON line per step instead
             logger.debug("self-healing: no step ring (%s: %s); progress goes into the journal", type(exc).__name__, exc)
             self._ring = None
         return self.run_id
@@ -335,6 +335,10 @@ class CrashJournal:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+        self._close_file()
+
+    def _close_file(self) -> None:
+        """The journal file's descriptor only (the step ring stays)."""
         if self._fd is not None:
             try:
                 os.close(self._fd)
@@ -345,8 +349,8 @@ class CrashJournal:
     # --- records ---------------------------------------------------------------------------------
     def progress(self, step: int, loss: Any = None, grad_norm: Any = None, lr: Any = None,
                  skipped: bool = False) -> None:
-        """One optimizer step done: a record in the step ring (no system call); where no ring could
-        be mapped, one formatted line and one `write()`. Never fsynced."""
+        """One optimizer step done: one binary record `pwrite()`-n into the step ring; where no ring
+        could be created, one formatted line and one `write()`. Never fsynced."""
         if self._ring is not None:
             self._ring.add(step, time.time(), loss, grad_norm, lr, skipped)
             return
@@ -422,10 +426,7 @@ class CrashJournal:
             n_events //= 2
             data = b"".join(_line(r) for r in self.state.compact_records(max_events=n_events))
         atomic_write_bytes(self.path, data)
-        try:
-            os.close(self._fd)  # the descriptor of the file replaced (the step ring stays)
-        except OSError:
-            pass
+        self._close_file()  # the descriptor of the file replaced
         self._open_fd()
         self._size = len(data)
         fresh = JournalState()  # the state is now exactly what the compacted file reads back as
