@@ -1,6 +1,7 @@
 """The engine's hands: the one place decisions change the model, optimizer, scheduler and
-clipping (`Applier.apply`), and the engine-side part of an exception decision (back off, give
-up, note a skipped batch, record the resume). Used through `self_healing.engine.Healer`.
+clipping (`Applier.apply`; an observer's undo of an update, `Applier.undo`), and the engine-side
+part of an exception decision (back off, give up, note a skipped batch, record the resume). Used
+through `self_healing.engine.Healer`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from dataclasses import replace
 from typing import Any, Iterable
 
-from .decider import Decision, ExceptionDecision, Finding
+from .decider import Decision, ExceptionDecision, Finding, UndoRequest
 from .detectors import compare_state
 from .diagnosis import Action, Diagnosis
 from .healing import fisher_weighted_rollback, restore_scheduled_lr, scale_lr, tighten_clipping
@@ -52,9 +53,15 @@ class Applier:
     def act_on(self, finding: Finding) -> Decision | None:
         """An observer's finding: a failure goes through the decider (`Healer.handle`), an advisory
         is a bounded LR change, a warning takes the early snapshot (if the state is sound) and
-        tightens clipping; each is emitted once."""
+        tightens clipping; each is emitted once. An `undo` is carried out first; the Decision then
+        returned says whether the update was taken back (`skipped`)."""
         h = self.healer
-        if finding.update_undone:
+        undone = finding.update_undone
+        if finding.undo is not None:
+            undone = self.undo(finding.undo)
+            if not undone:  # the event says what happened: the same verdict, without the undo
+                finding = replace(finding, diagnosis=finding.undo.if_not_undone)
+        if undone:
             h.note_update_undone()
         step = finding.step
         if finding.kind == "failure":
@@ -68,7 +75,8 @@ class Applier:
             return decision
         diag = finding.diagnosis
         if finding.kind == "advisory":
-            return self.apply_advisory(diag, step)
+            decision = self.apply_advisory(diag, step)
+            return replace(decision, skipped=True) if undone else decision
         details: dict[str, Any] = {}
         if finding.kind == "warning":  # an early snapshot (if the state is sound), tighter clipping
             actions = []
@@ -85,8 +93,17 @@ class Applier:
                 details["clipping"] = self.tighten_clipping()
                 actions.append(Action.TIGHTEN_CLIPPING)
             diag.actions = actions
-        h.emit(step, diag, [a.value for a in diag.actions], details)
-        return None
+        event = h.emit(step, diag, [a.value for a in diag.actions], details)
+        if finding.undo is None:
+            return None
+        return Decision(step, diag, tuple(diag.actions), skipped=undone, details=details, event=event)
+
+    def undo(self, request: UndoRequest) -> bool:
+        """Take back the update that just landed: the pre-update weights and optimizer state an
+        observer copied go back into the live objects. False: the copy no longer matches them
+        (nothing is written)."""
+        h = self.healer
+        return request.state.restore(h.model, h.optimizer)
 
     def apply_advisory(self, diag: Diagnosis, step: int) -> Decision:
         """A monitor's finding (DPO plateau, reward collapse, overfitting, oscillation): recorded

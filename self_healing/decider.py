@@ -13,7 +13,7 @@ orchestrator only applies what was decided.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from .detectors import Detection, StateReport
 from .diagnosis import Action, Diagnosis, FailureKind, diagnose, diagnose_exception, diagnose_state
@@ -36,7 +36,8 @@ STREAMED_DATA = (" — the training data is a stream (an iterable dataset): its 
 class Decision:
     """What the engine decided about one failure, already applied when it is returned.
 
-    `skipped`: this step's update never reaches the weights (its gradients were dropped).
+    `skipped`: this step's update never reaches the weights (its gradients were dropped), or, for
+    a finding's `undo`, it was taken back.
     `rolled_back_to`: the snapshot step the weights and optimizer state came back from (None: no
     rollback, or none was possible). `lr_factor`: the LR was multiplied by it. `stop`: the run
     cannot be healed; the last verified weights are in memory and the loop must end."""
@@ -57,6 +58,27 @@ class Decision:
         return self.diagnosis.failure
 
 
+class RestorableState(Protocol):
+    """A copy of the weights and optimizer state taken just before an update (`early_probe.UpdateUndo`)."""
+
+    def restore(self, model: Any, optimizer: Any) -> bool:
+        """Copy the state back into `model` and `optimizer`; False, writing nothing, when it no
+        longer matches them."""
+        ...
+
+
+@dataclass(frozen=True)
+class UndoRequest:
+    """An observer's request to take back the update it just measured (the probe check). The
+    observer only reads the state (it copied it before the update); the applier, the one place
+    that writes the model and optimizer, restores `state`, so the undo is applied, counted and
+    reported where every other action is. The event records the finding's diagnosis when the
+    restore worked, `if_not_undone` (the same verdict without the undo) when it did not."""
+
+    state: RestorableState
+    if_not_undone: Diagnosis
+
+
 @dataclass
 class Finding:
     """What an observer (the early-warning signals) saw on one step, handed to the engine to act
@@ -66,10 +88,12 @@ class Finding:
     - `advisory`: `diagnosis` asks for a bounded LR change, outside the escalation;
     - `warning`: an early snapshot of `snapshot` (a state report of the state the coming update
       starts from; taken only if it passes the integrity check) and tighter clipping, then recorded;
-    - `record`: `diagnosis` is recorded only (observe mode, or what the observer did itself).
+    - `record`: `diagnosis` is recorded only (observe mode, or what the observer did itself), after
+      its `undo` if it asks for one.
 
-    `update_undone`: the observer put the weights back after the step's update (the probe check):
-    the step counts as skipped and verifies no snapshot.
+    `undo` (an advisory's or a record's): take back the update that just landed (`UndoRequest`);
+    once restored, the step counts as skipped and verifies no snapshot. `update_undone`: the
+    observer already put the weights back itself; counted the same way.
     `fisher_weights` (a failure's): (parameters, importance per parameter, None for "all"): if the
     decision rolls back, the rollback is Fisher-weighted, w = snapshot + (1 - importance)
     (w_before - snapshot), so the weights that matter most return to the snapshot and the rest
@@ -80,6 +104,7 @@ class Finding:
     detection: Detection | None = None
     diagnosis: Diagnosis | None = None
     snapshot: StateReport | None = None
+    undo: UndoRequest | None = None
     update_undone: bool = False
     fisher_weights: tuple[list[Any], list[Any]] | None = None
 
@@ -94,6 +119,9 @@ class Finding:
             raise ValueError(f"Finding.kind={self.kind!r} needs a diagnosis and no detection")
         if self.fisher_weights is not None and self.kind != "failure":
             raise ValueError(f"Finding.kind={self.kind!r}: only a failure's rollback can be Fisher-weighted")
+        if self.undo is not None and (self.kind not in ("advisory", "record") or self.update_undone):
+            raise ValueError(f"Finding.kind={self.kind!r}: only an advisory or a record can ask for an undo, "
+                             "and not of an update already undone")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,5 +364,5 @@ class Decider:
         return replace(decision, actions=(Action.GIVE_UP,), reason=DISK_FULL, stop=True, resume=None, details=details)
 
 
-__all__ = ["Decider", "Decision", "ExceptionDecision", "ExceptionFacts", "BatchFacts", "BatchChange",
-           "EvalBatchChange", "Resume", "plan_batch_cut", "plan_eval_batch_cut"]
+__all__ = ["Decider", "Decision", "UndoRequest", "RestorableState", "ExceptionDecision", "ExceptionFacts",
+           "BatchFacts", "BatchChange", "EvalBatchChange", "Resume", "plan_batch_cut", "plan_eval_batch_cut"]

@@ -1,7 +1,8 @@
 """Probe, curvature and Fisher parts of the early warning (`self_healing.early_warning`).
 
 - `ProbeCheck`: the loss of a fixed probe batch before and after an update; a relative rise above
-  its calibrated bound is judged here, and the update undone from an `UpdateUndo` host copy.
+  its calibrated bound is judged here. The `UpdateUndo` host copy to undo the update with is taken
+  here too; the engine's applier restores it (nothing here writes the model or optimizer).
 - `measure_curvature`: Hutchinson trace, top eigenvalue and SAM sharpness on the probe batch
   (recorded only).
 - `FisherEWC`: a diagonal Fisher EMA of the squared gradients (the importance a Fisher-weighted
@@ -156,8 +157,8 @@ class ProbeResult:
 
 
 class ProbeCheck:
-    """Probe-checked updates: `before_update`, then `after_update` judges the rise; `reject` undoes
-    the update and says whether the LR should be cut too (`PROBE_LR_RULE`)."""
+    """Probe-checked updates: `before_update`, then `after_update` judges the rise; `reject` decides
+    to undo the update (from `undo`, by the engine) and whether to cut the LR too (`PROBE_LR_RULE`)."""
 
     def __init__(self, every: int, calibrator: Calibrator | None, alpha_fail: float) -> None:
         self.every = every
@@ -195,16 +196,15 @@ class ProbeCheck:
         self.history.append(bool(above))
         return ProbeResult(step, before, after, score, thr, method, above)
 
-    def reject(self, step: int, model: Any, optimizer: Any, observe_only: bool,
-               can_cut: bool) -> tuple[list[Action], int]:
-        """A regressed update: undo it (unless observing only); the actions taken and how many of
-        the recent probes regressed. In doubt, every update is checked for a while."""
+    def reject(self, step: int, observe_only: bool, can_cut: bool) -> tuple[list[Action], int]:
+        """A regressed update: the actions wanted (unless observing only: undo it from `undo`, and
+        cut the LR on a repeated regression) and how many of the recent probes regressed. Nothing
+        is written here: the engine restores the copy. In doubt, every update is checked for a while."""
         self.boost_until = step + PROBE_BOOST_STEPS
         recent = sum(self.history)
         actions: list[Action] = []
         if not observe_only:
-            if self.undo.restore(model, optimizer):
-                actions.append(Action.SKIP_STEP)
+            actions.append(Action.SKIP_STEP)
             if recent >= PROBE_LR_RULE[0] and can_cut:
                 actions.append(Action.REDUCE_LR)
                 self.history.clear()
@@ -212,7 +212,7 @@ class ProbeCheck:
 
 
 def probe_diagnosis(r: ProbeResult, alpha: float, actions: list[Action], recent: int) -> Diagnosis:
-    """The probe-regression event for a rejected update."""
+    """The probe-regression event for a rejected update, as `actions` were carried out."""
     ev = {"probe_loss_before": r.before, "probe_loss_after": r.after, "relative_rise": r.score,
           "threshold": r.threshold, "calibration": r.method, "target_rate": alpha}
     bound = f"{r.threshold:.3g}" if r.threshold is not None else "n/a"

@@ -24,9 +24,10 @@ Per step, with the signal on:
 - **oscillation**: the FFT of the last `oscillation_window` losses and grad norms (~50 us); the dominant period's share of the power above its calibrated bound means
   the LR is past the stability edge: `oscillation`, LR cut (once per window).
 - **probe** (`probe_regression`): every `probe_every_steps`, the loss of a fixed probe batch before
-  and after the update; a relative rise above its calibrated bound undoes the update (weights and
-  optimizer state copied back from a host copy taken just before it). After a rejection every
-  update is checked for `PROBE_BOOST_STEPS`; two rejections within five probes cut the LR.
+  and after the update; a relative rise above its calibrated bound undoes the update (the engine
+  copies weights and optimizer state back from a host copy taken just before it). After a
+  rejection every update is checked for `PROBE_BOOST_STEPS`; two rejections within five probes cut
+  the LR.
 - **curvature** (recorded only): Hutchinson trace, top eigenvalue and SAM sharpness on the probe
   batch every `curvature_every_steps`.
 - **Fisher** (`fisher_every_steps`): a diagonal Fisher EMA of the squared gradients. An
@@ -56,7 +57,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .decider import Finding
+from .decider import Finding, UndoRequest
 from .detectors import Detection
 from .diagnosis import Action, Diagnosis, diagnose
 from .early_calibration import CONFIRM_STEPS, CalibrationGate
@@ -283,7 +284,9 @@ class EarlyWarning(TrainerCallback):
         if finding is None:
             return False
         if finding.kind != "failure":
-            self.cb.engine.act_on(finding)
+            decision = self.cb.engine.act_on(finding)
+            if decision is not None and decision.skipped:  # the engine took the update back
+                self.growth_judge.forget_last()
             return False
         imp = self.fisher_ewc.importance() if self.fisher_ewc is not None else None
         if imp is not None:  # a rollback, if decided, is Fisher-weighted (by the engine)
@@ -348,18 +351,18 @@ class EarlyWarning(TrainerCallback):
         return Finding("advisory" if actions else "record", step, diagnosis=diag)
 
     def _rejected_update(self, r: ProbeResult) -> Finding:
-        """The probe found the update made the probe loss worse: it was undone here (unless
-        observing only); two rejections within five probes also cut the LR."""
+        """The probe found the update made the probe loss worse: the engine is asked to undo it
+        from the probe's pre-update copy (unless observing only); two rejections within five probes
+        also cut the LR. The event says "undone" only if the engine could restore the copy."""
         self.summary["probe"]["rejected"] += 1
         self._count_failure(r.step)
-        actions, recent = self.probe.reject(r.step, self.cb.model, self.cb.optimizer, self.observe_only,
-                                            self._can_cut_lr())
-        undone = Action.SKIP_STEP in actions
-        if undone:
-            self.growth_judge.forget_last()
-        diag = probe_diagnosis(r, self.alpha_fail, actions, recent)
-        return Finding("advisory" if Action.REDUCE_LR in actions else "record", r.step, diagnosis=diag,
-                       update_undone=undone)
+        actions, recent = self.probe.reject(r.step, self.observe_only, self._can_cut_lr())
+        undo = None
+        if Action.SKIP_STEP in actions:
+            kept = [a for a in actions if a != Action.SKIP_STEP]
+            undo = UndoRequest(self.probe.undo, probe_diagnosis(r, self.alpha_fail, kept, recent))
+        return Finding("advisory" if Action.REDUCE_LR in actions else "record", r.step,
+                       diagnosis=probe_diagnosis(r, self.alpha_fail, actions, recent), undo=undo)
 
     # bookkeeping ------------------------------------------------------------------------------
     def _count_failure(self, step: int) -> None:

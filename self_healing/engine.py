@@ -191,7 +191,7 @@ class Healer:
         return decision
 
     def note_update_undone(self) -> None:
-        """An observer (the probe check) put the weights back after the step's update: the step counts
+        """The step's update was taken back (the applier restored an observer's pre-update copy): the step counts
         as skipped and, its update not kept, verifies no snapshot and takes none."""
         self.recorder.counters["skipped_steps"] += 1
         self.step_flagged = True
@@ -269,8 +269,8 @@ class Healer:
 
     def act_on(self, finding: Finding) -> Decision | None:
         """An observer's finding (`decider.Finding`): decided, applied and emitted here, like every
-        other failure (`Applier.act_on`); the Decision (None for a warning or a record) tells the
-        adapter what only its loop can do (stop it, repair its logged loss)."""
+        other failure (`Applier.act_on`); the Decision (None for a warning or a record with no undo)
+        tells the adapter what only its loop can do (stop it, repair its logged loss)."""
         return self.applier.act_on(finding)
 
     def skip_batch(self, exc: BaseException, step: int, where: str = "collate",

@@ -422,6 +422,75 @@ def test_an_observers_findings_are_acted_on_by_the_engine_alone():
         Finding("failure", 1, diagnosis=diag)
 
 
+class _Restore:
+    """A stand-in for the probe check's pre-update copy: it records that the engine restored it (into
+    which objects) and can fail, as a copy that no longer matches the optimizer state does."""
+
+    def __init__(self, copy, works=True):
+        self.copy, self.works, self.calls = copy, works, []
+
+    def restore(self, model, optimizer):
+        self.calls.append((model, optimizer))
+        return self.works and self.copy.restore(model, optimizer)
+
+
+def test_the_engine_undoes_an_update_an_observer_found_harmful():
+    """The probe check only judges and copies; the engine's applier takes the update back
+    (`Finding.undo`): restored -> the weights and Adam's state as before the update, the step
+    counted as skipped and taking no snapshot, "update undone" in the event. A copy that cannot be
+    restored leaves the update in place: nothing counted, and the event says so."""
+    from self_healing.decider import Finding, UndoRequest
+    from self_healing.early_probe import ProbeResult, UpdateUndo, probe_diagnosis
+
+    def run(works, cut=False):
+        healer, model, opt = _setup()
+        for s in range(1, 15):
+            _step(healer, model, opt, s)
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(15))
+        loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+        loss.backward()
+        healer.begin_step()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        assert healer.judge_step(healer.step_signals(15, loss, norm)) is None
+        copy = UpdateUndo()
+        assert copy.capture(model, opt)  # the probe's read, just before the update
+        before = _weights(model) + [v.clone() for st in opt.state.values() for v in st.values()]
+        opt.step()
+        opt.zero_grad()
+        updated = _weights(model)
+        r = ProbeResult(15, 1.0, 1.5, 0.5, 0.1, "conformal", True)
+        actions = [Action.SKIP_STEP] + ([Action.REDUCE_LR] if cut else [])
+        handle = _Restore(copy, works)
+        finding = Finding("advisory" if cut else "record", 15, diagnosis=probe_diagnosis(r, 0.01, actions, 2),
+                          undo=UndoRequest(handle, probe_diagnosis(r, 0.01, actions[1:], 2)))
+        skipped, lr = healer.recorder.counters["skipped_steps"], opt.param_groups[0]["lr"]
+        d = healer.act_on(finding)
+        flagged = healer.step_flagged
+        healer.end_step(15)  # a snapshot is due at 15
+        assert handle.calls == [(model, opt)]  # the engine restored the copy, into its own live objects
+        now = _weights(model) + [v for st in opt.state.values() for v in st.values()]
+        return (healer, d, healer.recorder.events[-1], healer.recorder.counters["skipped_steps"] - skipped,
+                flagged, opt.param_groups[0]["lr"] / lr, now, before, updated)
+
+    healer, d, ev, counted, flagged, _, now, before, _ = run(works=True)
+    assert isinstance(d, Decision) and d.skipped and d.actions == (Action.SKIP_STEP,)
+    assert all(torch.equal(a, b) for a, b in zip(now, before))  # weights and Adam's state (step counts too)
+    assert counted == 1 and flagged and healer.ring.latest.step == 10  # no snapshot of an undone step
+    assert ev["actions"] == ["skip_step"] and "update undone (pre-update state restored)" in ev["diagnosis"]
+
+    healer, d, ev, counted, flagged, _, now, _, updated = run(works=False)
+    assert d is not None and not d.skipped and d.actions == ()
+    assert all(torch.equal(a, b) for a, b in zip(now, updated))  # the update stayed
+    assert counted == 0 and not flagged and healer.ring.latest.step == 15
+    assert ev["actions"] == [] and "observed only" in ev["diagnosis"] and "undone" not in ev["diagnosis"]
+
+    healer, d, ev, counted, _, lr_ratio, now, before, _ = run(works=True, cut=True)  # the probe rule's LR cut
+    assert d.skipped and d.actions == (Action.SKIP_STEP, Action.REDUCE_LR) and counted == 1
+    assert lr_ratio == pytest.approx(healer.config.lr_reduction_factor) and ev["actions"] == ["skip_step", "reduce_lr"]
+    assert "update undone; 2 of the last 5 probes regressed" in ev["diagnosis"]
+    assert all(torch.equal(a, b) for a, b in zip(now[:4], before[:4]))
+
+
 def test_a_findings_rollback_is_fisher_weighted_by_the_engine():
     """The early-warning signals hand their Fisher importance with a failure; the engine, having
     rolled back, weighs it: w = snapshot + (1 - importance) (w_before - snapshot). Importance 1
