@@ -56,7 +56,7 @@ class Applier:
         tightens clipping; each is emitted once. An `undo` is carried out first; the Decision then
         returned says whether the update was taken back (`skipped`)."""
         h = self.healer
-        undone = finding.update_undone
+        undone = False
         if finding.undo is not None:
             undone = self.undo(finding.undo)
             if not undone:  # the event says what happened: the same verdict, without the undo

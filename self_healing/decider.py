@@ -92,8 +92,8 @@ class Finding:
       its `undo` if it asks for one.
 
     `undo` (an advisory's or a record's): take back the update that just landed (`UndoRequest`);
-    once restored, the step counts as skipped and verifies no snapshot. `update_undone`: the
-    observer already put the weights back itself; counted the same way.
+    once restored, the step counts as skipped and verifies no snapshot. An observer never writes
+    the model or optimizer itself: the applier does.
     `fisher_weights` (a failure's): (parameters, importance per parameter, None for "all"): if the
     decision rolls back, the rollback is Fisher-weighted, w = snapshot + (1 - importance)
     (w_before - snapshot), so the weights that matter most return to the snapshot and the rest
@@ -105,7 +105,6 @@ class Finding:
     diagnosis: Diagnosis | None = None
     snapshot: StateReport | None = None
     undo: UndoRequest | None = None
-    update_undone: bool = False
     fisher_weights: tuple[list[Any], list[Any]] | None = None
 
     KINDS = ("failure", "advisory", "warning", "record")
@@ -119,9 +118,8 @@ class Finding:
             raise ValueError(f"Finding.kind={self.kind!r} needs a diagnosis and no detection")
         if self.fisher_weights is not None and self.kind != "failure":
             raise ValueError(f"Finding.kind={self.kind!r}: only a failure's rollback can be Fisher-weighted")
-        if self.undo is not None and (self.kind not in ("advisory", "record") or self.update_undone):
-            raise ValueError(f"Finding.kind={self.kind!r}: only an advisory or a record can ask for an undo, "
-                             "and not of an update already undone")
+        if self.undo is not None and self.kind not in ("advisory", "record"):
+            raise ValueError(f"Finding.kind={self.kind!r}: only an advisory or a record can ask for an undo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,5 +362,5 @@ class Decider:
         return replace(decision, actions=(Action.GIVE_UP,), reason=DISK_FULL, stop=True, resume=None, details=details)
 
 
-__all__ = ["Decider", "Decision", "UndoRequest", "RestorableState", "ExceptionDecision", "ExceptionFacts",
+__all__ = ["Decider", "Decision", "Finding", "UndoRequest", "RestorableState", "ExceptionDecision", "ExceptionFacts",
            "BatchFacts", "BatchChange", "EvalBatchChange", "Resume", "plan_batch_cut", "plan_eval_batch_cut"]

@@ -211,14 +211,21 @@ class ProbeCheck:
         return actions, recent
 
 
-def probe_diagnosis(r: ProbeResult, alpha: float, actions: list[Action], recent: int) -> Diagnosis:
-    """The probe-regression event for a rejected update, as `actions` were carried out."""
+def probe_diagnosis(r: ProbeResult, alpha: float, actions: list[Action], recent: int,
+                    undo_failed: bool = False) -> Diagnosis:
+    """The probe-regression event for a rejected update, as `actions` were carried out
+    (`undo_failed`: an undo was asked for, and the pre-update copy could not be restored)."""
     ev = {"probe_loss_before": r.before, "probe_loss_after": r.after, "relative_rise": r.score,
           "threshold": r.threshold, "calibration": r.method, "target_rate": alpha}
     bound = f"{r.threshold:.3g}" if r.threshold is not None else "n/a"
-    what = {(): "observed only", (Action.SKIP_STEP,): "update undone (pre-update state restored)",
-            (Action.SKIP_STEP, Action.REDUCE_LR): f"update undone; {recent} of the last {PROBE_LR_RULE[1]} probes "
-                                                   "regressed, so the LR was reduced"}.get(tuple(actions), "")
+    if Action.SKIP_STEP in actions:
+        what = "update undone" if Action.REDUCE_LR in actions else "update undone (pre-update state restored)"
+    elif undo_failed:
+        what = "the pre-update copy no longer matched the weights or optimizer state, so the update was kept"
+    else:
+        what = "observed only"
+    if Action.REDUCE_LR in actions:
+        what += f"; {recent} of the last {PROBE_LR_RULE[1]} probes regressed, so the LR was reduced"
     return Diagnosis(FailureKind.PROBE_REGRESSION,
                      f"the update at step {r.step} raised the probe loss {r.before:.4g} -> {r.after:.4g} "
                      f"({r.score:+.2%}, calibrated bound {bound}): {what}", ev, actions,

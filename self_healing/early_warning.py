@@ -360,7 +360,7 @@ class EarlyWarning(TrainerCallback):
         undo = None
         if Action.SKIP_STEP in actions:
             kept = [a for a in actions if a != Action.SKIP_STEP]
-            undo = UndoRequest(self.probe.undo, probe_diagnosis(r, self.alpha_fail, kept, recent))
+            undo = UndoRequest(self.probe.undo, probe_diagnosis(r, self.alpha_fail, kept, recent, undo_failed=True))
         return Finding("advisory" if Action.REDUCE_LR in actions else "record", r.step,
                        diagnosis=probe_diagnosis(r, self.alpha_fail, actions, recent), undo=undo)
 

@@ -387,7 +387,9 @@ def test_an_observers_findings_are_acted_on_by_the_engine_alone():
     """The early-warning signals hand the engine typed findings (`Finding`) instead of calling into
     it: a failure is decided like any other (before the update: skipped, rolled back), a warning
     takes its early snapshot only when the state is sound, an undone update counts as a skip."""
-    from self_healing.decider import Finding
+    from types import SimpleNamespace
+
+    from self_healing.decider import Finding, UndoRequest
     from self_healing.snapshot import state_report
 
     healer, model, opt = _setup()
@@ -413,8 +415,9 @@ def test_an_observers_findings_are_acted_on_by_the_engine_alone():
     d = healer.act_on(Finding("failure", 14, detection=Detection("instability_forecast", 14, {"lr_cause": False})))
     assert isinstance(d, Decision) and d.skipped and d.rolled_back_to is not None  # the newest verified one
     assert healer.recorder.counters["skipped_steps"] >= skipped
-    healer.act_on(Finding("record", 15, diagnosis=Diagnosis(FailureKind.PROBE_REGRESSION, "undone", {}, [], [], 15),
-                          update_undone=True))
+    undone = Diagnosis(FailureKind.PROBE_REGRESSION, "undone", {}, [], [], 15)
+    healer.act_on(Finding("record", 15, diagnosis=undone,
+                          undo=UndoRequest(SimpleNamespace(restore=lambda m, o: True), undone)))
     assert healer.recorder.counters["skipped_steps"] >= skipped + 1 and healer.step_flagged
     with pytest.raises(ValueError, match="Finding.kind='alarm'"):
         Finding("alarm", 1, diagnosis=diag)
@@ -462,7 +465,7 @@ def test_the_engine_undoes_an_update_an_observer_found_harmful():
         actions = [Action.SKIP_STEP] + ([Action.REDUCE_LR] if cut else [])
         handle = _Restore(copy, works)
         finding = Finding("advisory" if cut else "record", 15, diagnosis=probe_diagnosis(r, 0.01, actions, 2),
-                          undo=UndoRequest(handle, probe_diagnosis(r, 0.01, actions[1:], 2)))
+                          undo=UndoRequest(handle, probe_diagnosis(r, 0.01, actions[1:], 2, undo_failed=True)))
         skipped, lr = healer.recorder.counters["skipped_steps"], opt.param_groups[0]["lr"]
         d = healer.act_on(finding)
         flagged = healer.step_flagged
@@ -482,12 +485,18 @@ def test_the_engine_undoes_an_update_an_observer_found_harmful():
     assert d is not None and not d.skipped and d.actions == ()
     assert all(torch.equal(a, b) for a, b in zip(now, updated))  # the update stayed
     assert counted == 0 and not flagged and healer.ring.latest.step == 15
-    assert ev["actions"] == [] and "observed only" in ev["diagnosis"] and "undone" not in ev["diagnosis"]
+    assert ev["actions"] == [] and "undone" not in ev["diagnosis"]
+    assert "the pre-update copy no longer matched the weights or optimizer state, so the update was kept" \
+        in ev["diagnosis"]  # not "observed only": the run was not in observe mode
 
     healer, d, ev, counted, _, lr_ratio, now, before, _ = run(works=True, cut=True)  # the probe rule's LR cut
     assert d.skipped and d.actions == (Action.SKIP_STEP, Action.REDUCE_LR) and counted == 1
     assert lr_ratio == pytest.approx(healer.config.lr_reduction_factor) and ev["actions"] == ["skip_step", "reduce_lr"]
     assert "update undone; 2 of the last 5 probes regressed" in ev["diagnosis"]
+    healer, d, ev, counted, _, lr_ratio, *_ = run(works=False, cut=True)  # the LR cut stands without the undo
+    assert not d.skipped and counted == 0 and ev["actions"] == ["reduce_lr"]
+    assert lr_ratio == pytest.approx(healer.config.lr_reduction_factor)
+    assert ev["diagnosis"].endswith("so the update was kept; 2 of the last 5 probes regressed, so the LR was reduced")
     assert all(torch.equal(a, b) for a, b in zip(now[:4], before[:4]))
 
 
