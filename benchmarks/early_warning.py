@@ -32,7 +32,6 @@ Per scenario and signal:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time

@@ -72,7 +72,7 @@ def test_a_million_step_postmortem_stays_under_1mb(every, tmp_path):
     # the report reads it
     (tmp_path / "postmortem.json").write_text(text)
     summary = format_postmortem(load_postmortem(tmp_path))
-    assert summary.splitlines()[0].startswith(f"COMPLETED at step 1000000/1000000")
+    assert summary.splitlines()[0].startswith("COMPLETED at step 1000000/1000000")
     assert f"recoveries: {n_events} events" in summary and "more in the postmortem" in summary
 
 
