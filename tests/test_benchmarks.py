@@ -83,8 +83,10 @@ def test_step_cost_prints_microseconds_per_component(capsys):
     import step_cost
 
     # the aggressive preset has every row of the default one, and ZClip's
-    step_cost.main(["--sizes", "tiny", "--presets", "aggressive", "--steps", "12", "--warmup", "2"])
+    step_cost.main(["--sizes", "tiny", "--presets", "aggressive", "--steps", "12", "--warmup", "2",
+                    "--paths", "trainer"])
     out = capsys.readouterr().out
+    assert "plain loop" not in out
     assert re.search(r"engine per-step path, tiny aggressive: median \d+\.\d us, p90 \d+\.\d us, min \d+\.\d us "
                      r"\(target <= 200 us\): .*in all with the HF adapter: median \d+\.\d us", out)
     rows = {cells[0]: cells[1:] for cells in
@@ -98,6 +100,27 @@ def test_step_cost_prints_microseconds_per_component(capsys):
     assert any(k.startswith("integrity pass") for k in rows) and any(k.startswith("rank-agreement packing") for k in rows)
     dispatch = next(v for k, v in rows.items() if k.startswith("the Trainer's dispatch of 4 step events to the plugin's"))
     assert float(dispatch[1]) > 0  # HF calls every callback on every event: that is the plugin's cost too
+
+
+def test_step_cost_times_the_plain_loop_path_warm_and_in_the_loop(capsys):
+    """The microbenchmark the 200 us target is set for: the engine's per-step path as a plain loop calls it, one timer
+    per call, warm (back to back) and where the loop makes each call."""
+    import re
+
+    import step_cost
+
+    step_cost.main(["--sizes", "tiny", "--presets", "default", "--steps", "14", "--warmup", "2", "--paths", "loop"])
+    out = capsys.readouterr().out
+    assert "## plain loop: tiny" in out and "in all with the HF adapter" not in out
+    assert re.search(r"plain-loop engine path, tiny default: warm \d+\.\d us, \d+\.\d us with the DDP packing "
+                     r"\(target <= 200 us\): (ok|ABOVE TARGET); in the loop median \d+\.\d us, min \d+\.\d us", out)
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| "))}
+    for component in step_cost.LOOP_ROWS:
+        warm, low, median, p90 = map(float, rows[component][:4])  # numbers, not n/a
+        assert warm > 0 and 0 < low <= median <= p90
+    assert float(rows["+ under DDP: the rank-agreement packing (the collective excluded)"][0]) > 0
+    assert "event(s) recorded on a clean loop" not in out
 
 
 def test_step_cost_charges_a_caller_for_the_whole_of_a_timed_call():
