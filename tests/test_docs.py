@@ -63,7 +63,7 @@ def test_readme_is_short():
 
 def test_the_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "python -m pytest -q\n" in ci and "python -m pytest -q\n" in README.read_text()
+    assert "python -m pytest -q -n 2\n" in ci and "python -m pytest -q -n 2\n" in README.read_text()
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])

@@ -8,7 +8,7 @@ from self_healing import Healer, HealingConfig
 from self_healing.faults import Fault, inject_faults
 
 
-def _loop(steps: int = 30, fault: Fault | None = None, out: str = "/tmp/unused", loss_as=lambda t: t):
+def _loop(out: str, steps: int = 30, fault: Fault | None = None, loss_as=lambda t: t):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
