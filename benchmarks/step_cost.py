@@ -440,6 +440,11 @@ def loop_cost(size: str, preset: str, steps: int, warmup: int, warm_reps: int = 
         healer._grad_norm = timed_norm
         hook_ns = [0]
         reach = None
+
+        def periodic() -> bool:  # asked before after_step: a capture there may change the interval
+            step = healer.step
+            return step % healer.config.integrity_check_every_steps == 0 or step % healer.snapshot_interval == 0
+
         try:
             for i in range(steps):
                 ids = torch.randint(0, vocab, (bs, 64), generator=gen)
@@ -465,14 +470,14 @@ def loop_cost(size: str, preset: str, steps: int, warmup: int, warm_reps: int = 
                     opt.step()
                     sched.step()
                 opt.zero_grad()
+                due = periodic()
                 t0 = clock()
                 healer.after_step()
                 after = clock() - t0
-                t0 = clock()
-                journal.progress(healer.step, loss.item(), last_norm[0].item(), opt.param_groups[0]["lr"])
+                facts = (healer.step, loss.item(), last_norm[0].item(), opt.param_groups[0]["lr"])  # floats, as
+                t0 = clock()  # the Trainer adapter hands them over: the reads are not the record's
+                journal.progress(*facts)
                 record = clock() - t0
-                due = healer.step % healer.config.integrity_check_every_steps == 0 \
-                    or healer.step % healer.snapshot_interval == 0
                 if i >= warmup and not due:
                     per_step.append([before / 1000, after / 1000, hook_ns[0] / 1000, record / 1000])
             # warm: the same calls on the last step's facts, back to back
@@ -487,13 +492,14 @@ def loop_cost(size: str, preset: str, steps: int, warmup: int, warm_reps: int = 
                 if reach is not None and reach.known:
                     inner(opt)
                 t2 = clock()
-                healer.after_step()
+                due = periodic()
                 t3 = clock()
-                journal.progress(healer.step, lv, nv, lr)
+                healer.after_step()
                 t4 = clock()
-                if not (healer.step % healer.config.integrity_check_every_steps == 0
-                        or healer.step % healer.snapshot_interval == 0):
-                    for k, dt in enumerate((t1 - t0, t3 - t2, t2 - t1, t4 - t3)):
+                journal.progress(healer.step, lv, nv, lr)
+                t5 = clock()
+                if not due:
+                    for k, dt in enumerate((t1 - t0, t4 - t3, t2 - t1, t5 - t4)):
                         warm[k].append(dt)
             events = len(healer.recorder.events)
             pack = _packing(healer.reader, loss, norm, [1.0], warm_reps)
