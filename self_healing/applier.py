@@ -56,13 +56,11 @@ class Applier:
         tightens clipping; each is emitted once. An `undo` is carried out first; the Decision then
         returned says whether the update was taken back (`skipped`)."""
         h = self.healer
-        undone = False
-        if finding.undo is not None:
-            undone = self.undo(finding.undo)
-            if not undone:  # the event says what happened: the same verdict, without the undo
-                finding = replace(finding, diagnosis=finding.undo.if_not_undone)
+        undone = finding.undo is not None and self.undo(finding.undo)
         if undone:
             h.note_update_undone()
+        elif finding.undo is not None:  # the event says what happened: the same verdict, without the undo
+            finding = replace(finding, diagnosis=finding.undo.if_not_undone)
         step = finding.step
         if finding.kind == "failure":
             if finding.fisher_weights is None:
