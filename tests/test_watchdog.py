@@ -38,7 +38,7 @@ def _bounded(hang):
     hang_factor 10 (a step slowed by a busy machine may raise the bound above the floor)."""
     bound = hang["bound_seconds"]
     assert 2.0 <= bound < 20.0 and (bound == 2.0) == (hang["bound_reason"] == "hang_floor_seconds")
-    assert bound < hang["seconds_waited"] < bound + 4.0
+    assert bound <= hang["seconds_waited"] < bound + 4.0  # waited > bound, but both are rounded to 0.01 s
 
 
 def test_a_forward_that_never_returns_is_a_hung_exit_and_the_relaunch_resumes(tmp_path):
