@@ -63,7 +63,7 @@ def test_a_forward_that_never_returns_is_a_hung_exit_and_the_relaunch_resumes(tm
     pm = load_postmortem(out)
     assert pm["resumed"]["previous_exit_reason"] == "hung" and pm["resumed"]["from"].endswith("checkpoint-25")
     job = pm["goodput"]["job"]
-    assert job["launches"] == 2 and job["seconds"]["hung"] > 2.0 and job["seconds"]["between_launches"] > 0
+    assert job["launches"] == 2 and job["seconds"]["hung"] >= 2.0 and job["seconds"]["between_launches"] > 0
     assert pm["goodput"]["launch"]["lost_seconds"]["recomputed"] > 0  # steps 26 to 29, done twice
     assert sum(job["seconds"].values()) == pytest.approx(job["wall_seconds"], rel=0.01)
 
