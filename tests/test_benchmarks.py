@@ -133,7 +133,7 @@ def test_step_cost_charges_a_caller_for_the_whole_of_a_timed_call():
 
     class SlowStack(list):  # the timer's bookkeeping made slow, as cold caches make it
         def pop(self, *a):
-            time.sleep(0.002)
+            time.sleep(0.05)
             return super().pop(*a)
 
     t = step_cost.Timers()
@@ -142,7 +142,7 @@ def test_step_cost_charges_a_caller_for_the_whole_of_a_timed_call():
     outer = t.timed(lambda: inner(), "outer")
     t.flush()
     outer()
-    assert t.step["outer"] < 1_000_000, t.step  # under 1 ms: not the 2 ms of the inner call's bookkeeping
+    assert t.step["outer"] < 25_000_000, t.step  # not the 50 ms of the inner call's bookkeeping
     assert t.step["inner"] >= 1_000_000
 
 

@@ -190,7 +190,7 @@ def test_user_code_bug_is_not_retried(tmp_path):
 
 def test_sigterm_checkpoints_exits_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(Path(__file__).parent / "scripts" / "preemptible_run.py"), str(out), "40"]
+    cmd = [sys.executable, str(Path(__file__).parent / "scripts" / "preemptible_run.py"), str(out), "80"]  # 3.5 s of steps after the signal
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in p.stdout:
@@ -203,14 +203,14 @@ def test_sigterm_checkpoints_exits_and_the_same_command_resumes(tmp_path):
     pm = json.loads((out / "postmortem.json").read_text())
     assert pm["exit_reason"] == "interrupted" and pm["signal"] == "SIGTERM"
     stopped = pm["last_step"]
-    assert 10 <= stopped < 40 and pm["checkpoint"].endswith(f"checkpoint-{stopped}")
+    assert 10 <= stopped < 80 and pm["checkpoint"].endswith(f"checkpoint-{stopped}")
     assert verify_checkpoint(pm["checkpoint"])[0]
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     steps = [int(line.split()[1]) for line in again.stdout.splitlines() if line.startswith("STEP ")]
-    assert steps[0] == stopped + 1 and steps[-1] == 40
-    assert "DONE 40 completed" in again.stdout
+    assert steps[0] == stopped + 1 and steps[-1] == 80
+    assert "DONE 80 completed" in again.stdout
     pm2 = json.loads((out / "postmortem.json").read_text())
     assert pm2["exit_reason"] == "completed" and pm2["resumed"]["from"].endswith(f"checkpoint-{stopped}")
 
