@@ -442,8 +442,7 @@ def loop_cost(size: str, preset: str, steps: int, warmup: int, warm_reps: int = 
         reach = None
 
         def periodic() -> bool:  # asked before after_step: a capture there may change the interval
-            step = healer.step
-            return step % healer.config.integrity_check_every_steps == 0 or step % healer.snapshot_interval == 0
+            return any(healer.snapshots.due(healer.step))
 
         try:
             for i in range(steps):

@@ -211,8 +211,7 @@ class Healer:
         if not self.step_flagged:
             self.ring.mark_healthy_step()
             self.policy.healthy_step()
-        check_due = step % self.config.integrity_check_every_steps == 0
-        snap_due = step % self.snapshot_interval == 0
+        check_due, snap_due = self.snapshots.due(step)
         if check_due or snap_due:
             report, bad = self.check_state(step)
             bad = self.decider.confirm_state(bad, step)

@@ -22,6 +22,11 @@ class SnapshotKeeper:
     def __init__(self, healer: Any) -> None:
         self.healer = healer
 
+    def due(self, step: int) -> tuple[bool, bool]:
+        """(the integrity pass, a snapshot) due after the update of `step`: periodic, not per-step work."""
+        h = self.healer
+        return step % h.config.integrity_check_every_steps == 0, step % h.snapshot_interval == 0
+
     def snapshot_extra(self) -> dict[str, Any]:
         h = self.healer
         extra: dict[str, Any] = {"monitor": h.monitor.state_dict(), "policy": h.policy.state_dict()}
@@ -47,7 +52,7 @@ class SnapshotKeeper:
             cost = time.perf_counter() - t0 - snap.alloc_seconds  # a new buffer is a one-off
             if snap.events is not None:  # CUDA: the host only queued the copy
                 cost += h.ring.last_copy_seconds
-            if step % cfg.integrity_check_every_steps != 0:
+            if not self.due(step)[0]:
                 cost += getattr(report, "seconds", 0.0) or 0.0
             h.tune_snapshot_interval(cost)
         return snap
