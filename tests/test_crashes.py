@@ -190,7 +190,8 @@ def test_user_code_bug_is_not_retried(tmp_path):
 
 def test_sigterm_checkpoints_exits_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(Path(__file__).parent / "scripts" / "preemptible_run.py"), str(out), "80"]  # 3.5 s of steps after the signal
+    # 80 steps: ~3.5 s of steps after the signal at step 10 (40 left 1.5 s: a starved reader could miss it)
+    cmd = [sys.executable, str(Path(__file__).parent / "scripts" / "preemptible_run.py"), str(out), "80"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in p.stdout:

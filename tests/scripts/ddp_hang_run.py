@@ -1,7 +1,8 @@
 """Under torchrun, 2 CPU processes (gloo): rank 1's forward blocks forever at step 30, so rank 0
 waits in the gradient all-reduce. Both watchdogs must end their process long before ddp_timeout.
-Rank 1's bound is a fixed 8 s and rank 0's about 3 s, so rank 0's watchdog reports first (with equal bounds both fire within
-the same poll and either can win: CI under load saw rank 1 win, the "race" case below).
+Rank 1's bound is a fixed 8 s and rank 0's about 3 s, so rank 0's watchdog reports first (with
+equal bounds both fire within the same poll and either can win: CI under load saw rank 1 win,
+the "race" case below).
 With MODE "straggler", rank 1's forward takes 0.15 s longer on every step instead (no hang). With
 MODE "race", rank 0's bounds are far longer than rank 1's: rank 1's watchdog always ends it first,
 and rank 0's all-reduce fails on the closed connection (the race the default mode can hit).
